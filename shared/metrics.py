@@ -1,0 +1,66 @@
+"""Prometheus metrics of every service, defined in this one place.
+
+Names follow https://prometheus.io/docs/practices/naming: `smtpgw_<service>_<what>_<unit>`,
+base units, `_total` counters. Labels take values from small closed sets;
+addresses and queue ids are never labels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import REGISTRY, Collector
+
+# Latency buckets from 1 ms to 2 minutes: SMTP answers, scans and deliveries all fit.
+_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+# receiver
+CONNECTIONS = Counter("smtpgw_receiver_connections_total", "SMTP connections", ["result"])
+ACTIVE_CONNECTIONS = Gauge("smtpgw_receiver_active_connections", "Open SMTP connections")
+MESSAGES_RECEIVED = Counter("smtpgw_receiver_messages_total", "Messages accepted or refused", ["result", "reason"])
+RECIPIENTS_REFUSED = Counter("smtpgw_receiver_recipients_refused_total", "Recipients refused", ["reason"])
+DATA_INFLIGHT = Gauge("smtpgw_receiver_data_inflight_bytes", "DATA bytes held in memory right now")
+ACCEPT_SECONDS = Histogram(
+    "smtpgw_receiver_accept_duration_seconds", "End of DATA to the 250 (durable store)", buckets=_BUCKETS
+)
+
+# scanner
+SCAN_SECONDS = Histogram("smtpgw_scan_duration_seconds", "Time to scan one message", buckets=_BUCKETS)
+VERDICTS = Counter("smtpgw_scanner_verdicts_total", "Filter findings", ["category", "action"])
+DISPOSITIONS = Counter("smtpgw_scanner_messages_total", "Scanned messages by outcome", ["disposition"])
+CLAMD_ERRORS = Counter("smtpgw_scanner_clamd_errors_total", "clamd failures", ["kind"])
+CLAMD_SECONDS = Histogram("smtpgw_scanner_clamd_duration_seconds", "One clamd INSTREAM call", buckets=_BUCKETS)
+
+# delivery
+DELIVERY_ATTEMPTS = Counter(
+    "smtpgw_delivery_attempts_total", "Delivery attempts per recipient", ["result"]
+)  # result: sent, deferred, bounced, duplicate
+DELIVERY_SECONDS = Histogram("smtpgw_delivery_duration_seconds", "One SMTP delivery transaction", buckets=_BUCKETS)
+BOUNCES = Counter("smtpgw_delivery_bounces_total", "Delivery status notifications generated", ["result"])
+
+# quarantine
+QUARANTINED = Counter("smtpgw_quarantine_messages_total", "Messages put in quarantine", ["category"])
+
+# transport
+JOBS = Counter("smtpgw_queue_jobs_total", "Jobs finished by consumers", ["queue", "result"])
+
+
+class QueueDepthCollector(Collector):
+    """Reports `smtpgw_queue_depth{queue}` by asking the transport at scrape time."""
+
+    def __init__(self, queues: Iterable[str], depth: Callable[[str], int]) -> None:
+        self._queues = list(queues)
+        self._depth = depth
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        family = GaugeMetricFamily("smtpgw_queue_depth", "Messages waiting per queue", labels=["queue"])
+        for q in self._queues:
+            family.add_metric([q], self._depth(q))
+        yield family
+
+
+def serve(host: str, port: int, registry: CollectorRegistry = REGISTRY) -> None:
+    """Expose /metrics over HTTP from a daemon thread."""
+    start_http_server(port, addr=host, registry=registry)

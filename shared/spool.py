@@ -1,0 +1,424 @@
+"""Embedded transport: durable queues as directories of one machine's spool.
+
+Layout, like Postfix's queue directories: `<root>/<queue>/<queue_id>,<gen>`,
+one file per message holding its envelope and bytes, and `<root>/tmp/` for
+files being written. A file counts only once it was written to tmp/, fsynced,
+renamed into its queue directory and the directory fsynced; so a crash
+leaves either the old state or the new one, never half a message.
+
+Each message (queue id) lives in exactly one queue. A step that changes it
+writes generation gen+1 into the target queue before it removes gen; a crash
+in between leaves both, and recovery keeps the highest generation. A step
+that only moves it (deferred -> deliver) is a single atomic rename.
+
+Several processes may share one spool (the CLI releases from quarantine,
+`run receiver` and `run scanner` may run apart): each queue is consumed by
+one process at a time (an flock per queue), which picks up files other
+processes added by rescanning its directories every `rescan` seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import heapq
+import logging
+import os
+import queue as queuelib
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from shared.envelope import Envelope, decode, encode
+from shared.errors import EnvelopeDecodeError, RetryLater, SpoolError
+from shared.transport import MAX_CRASHES, Handler, Job, Output, Queue, Transport
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"SMTPGW1 "
+
+
+def _name(queue_id: str, gen: int) -> str:
+    return f"{queue_id},{gen}"
+
+
+def _split(name: str) -> tuple[str, int]:
+    queue_id, _, gen = name.rpartition(",")
+    return queue_id, int(gen)
+
+
+def pack(envelope: Envelope, body: bytes) -> list[bytes]:
+    """The spool file's bytes, as pieces for one writev: magic, envelope length, envelope, body."""
+    env = encode(envelope)
+    return [MAGIC + str(len(env)).encode() + b"\n", env, b"\n", body]
+
+
+def unpack(data: bytes) -> tuple[Envelope, bytes]:
+    if not data.startswith(MAGIC):
+        raise EnvelopeDecodeError("not a spool file")
+    nl = data.index(b"\n")
+    length = int(data[len(MAGIC) : nl])
+    env = decode(data[nl + 1 : nl + 1 + length])
+    return env, data[nl + 2 + length :]
+
+
+def read_envelope(path: str) -> Envelope:
+    """Only the envelope of a spool file (for listings and recovery)."""
+    with open(path, "rb") as fh:
+        head = fh.readline(64)
+        if not head.startswith(MAGIC):
+            raise EnvelopeDecodeError(f"{path}: not a spool file")
+        return decode(fh.read(int(head[len(MAGIC) :])))
+
+
+@dataclass
+class _Consumer:
+    queue: Queue
+    handler: Handler
+    workers: int
+    ready: queuelib.Queue[str] = field(default_factory=queuelib.Queue)
+    known: set[str] = field(default_factory=set)  # queued or in flight in this process
+    lock_fd: int = -1
+
+
+class SpoolTransport(Transport):
+    def __init__(
+        self,
+        root: str,
+        *,
+        fsync: bool = True,
+        rescan: float = 1.0,
+        crash_delay: float = 1.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.root = os.path.abspath(root)
+        self._fsync = fsync
+        self._rescan = rescan
+        self._crash_delay = crash_delay
+        self._clock = clock
+        self._consumers: dict[Queue, _Consumer] = {}
+        self._threads: list[threading.Thread] = []
+        self._timers: list[tuple[float, str, Queue, str]] = []  # (due, kind, queue, name)
+        self._cond = threading.Condition()
+        self._inflight = 0
+        self._crashes: dict[str, int] = {}
+        self._stopping = threading.Event()
+        # Directory fds are opened once: fsync of a directory is what makes a rename durable.
+        self._dir_fds: dict[str, int] = {}
+        try:
+            for q in [*Queue, "tmp"]:
+                os.makedirs(self._dir(q), exist_ok=True)
+                self._dir_fds[str(q)] = os.open(self._dir(q), os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as exc:
+            raise SpoolError(f"cannot create spool directories under {self.root}: {exc.strerror}") from None
+
+    # ------------------------------------------------------------ files
+
+    def _dir(self, queue: Queue | str) -> str:
+        return os.path.join(self.root, str(queue))
+
+    def _sync_dir(self, queue: Queue | str) -> None:
+        if self._fsync:
+            os.fsync(self._dir_fds[str(queue)])
+
+    def _write(self, queue: Queue, name: str, envelope: Envelope, body: bytes) -> None:
+        """tmp -> fsync -> rename into the queue. The caller fsyncs the queue directory."""
+        tmp = os.path.join(self._dir("tmp"), f"{name}.{threading.get_ident()}")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                pieces = pack(envelope, body)
+                total = sum(map(len, pieces))
+                written = os.writev(fd, pieces)
+                if written != total:  # writev may be short for very large bodies; finish the rest
+                    rest = b"".join(pieces)[written:]
+                    while rest:
+                        rest = rest[os.write(fd, rest) :]
+                if self._fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, os.path.join(self._dir(queue), name))
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise SpoolError(f"cannot store {name} in {queue}: {exc.strerror}") from None
+
+    def _read(self, queue: Queue, name: str) -> tuple[Envelope, bytes]:
+        with open(os.path.join(self._dir(queue), name), "rb") as fh:
+            return unpack(fh.read())
+
+    # ------------------------------------------------------------ publish
+
+    def publish(self, queue: Queue, envelope: Envelope, body: bytes) -> None:
+        name = _name(envelope.queue_id, 0)
+        self._write(queue, name, envelope, body)
+        try:
+            self._sync_dir(queue)
+        except OSError as exc:
+            raise SpoolError(f"cannot fsync {queue}: {exc.strerror}") from None
+        self._announce(queue, name, envelope)
+
+    def _announce(self, queue: Queue, name: str, envelope: Envelope | None) -> None:
+        """Tell this process's consumer (or the deferred timer) about a new file."""
+        if queue == Queue.DEFERRED and Queue.DELIVER in self._consumers:
+            due = envelope.not_before.timestamp() if envelope and envelope.not_before else 0.0
+            self._add_timer(due, "deferred", Queue.DEFERRED, name)
+            return
+        consumer = self._consumers.get(queue)
+        if consumer is None:
+            return
+        with self._cond:
+            if name in consumer.known:
+                return
+            consumer.known.add(name)
+        consumer.ready.put(name)
+
+    def _add_timer(self, due: float, kind: str, queue: Queue, name: str) -> None:
+        with self._cond:
+            heapq.heappush(self._timers, (due, kind, queue, name))
+            self._cond.notify_all()
+
+    # ------------------------------------------------------------ consume
+
+    def consume(self, queue: Queue, handler: Handler, workers: int) -> None:
+        if queue in (Queue.DEFERRED, Queue.DEAD):
+            raise ValueError(f"{queue} is not consumed by handlers")
+        self._consumers[queue] = _Consumer(queue, handler, workers)
+
+    def start(self) -> None:
+        for consumer in self._consumers.values():
+            path = os.path.join(self.root, f"{consumer.queue}.lock")
+            consumer.lock_fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(consumer.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise SpoolError(f"queue {consumer.queue} in {self.root} is consumed by another process") from None
+        self._recover()
+        for consumer in self._consumers.values():
+            for i in range(consumer.workers):
+                self._spawn(f"{consumer.queue}-{i}", self._work, consumer)
+        self._spawn("spool-timer", self._timer_loop)
+
+    def _spawn(self, name: str, target: Callable[..., None], *args: object) -> None:
+        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _recover(self) -> None:
+        """Startup: drop stale tmp files and superseded generations, then queue what is left."""
+        for leftover in os.listdir(self._dir("tmp")):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(self._dir("tmp"), leftover))
+        newest: dict[str, tuple[int, Queue]] = {}
+        for q in Queue:
+            for name in os.listdir(self._dir(q)):
+                try:
+                    queue_id, gen = _split(name)
+                except ValueError:
+                    continue
+                seen = newest.get(queue_id)
+                if seen is None or gen > seen[0]:
+                    if seen is not None:
+                        self._unlink(seen[1], _name(queue_id, seen[0]))
+                    newest[queue_id] = (gen, q)
+                else:
+                    self._unlink(q, name)
+        self._scan_dirs()
+
+    def _scan_dirs(self) -> None:
+        """Queue files this process does not know yet (startup, and files other processes added)."""
+        for q in self._consumers:
+            for name in sorted(os.listdir(self._dir(q))):
+                if "," in name:
+                    self._announce(q, name, None)
+        if Queue.DELIVER in self._consumers:
+            with self._cond:
+                waiting = {n for _, kind, _, n in self._timers if kind == "deferred"}
+            for name in os.listdir(self._dir(Queue.DEFERRED)):
+                if "," in name and name not in waiting:
+                    try:
+                        env = read_envelope(os.path.join(self._dir(Queue.DEFERRED), name))
+                    except (OSError, EnvelopeDecodeError, ValueError):
+                        continue
+                    self._announce(Queue.DEFERRED, name, env)
+
+    def _timer_loop(self) -> None:
+        next_scan = self._clock() + self._rescan
+        while not self._stopping.is_set():
+            due_now: list[tuple[float, str, Queue, str]] = []
+            with self._cond:
+                now = self._clock()
+                while self._timers and self._timers[0][0] <= now:
+                    due_now.append(heapq.heappop(self._timers))
+                if not due_now:
+                    wait = min(next_scan, self._timers[0][0] if self._timers else next_scan) - now
+                    self._cond.wait(max(0.0, min(wait, self._rescan)))
+            for _, kind, q, name in due_now:
+                if kind == "deferred":
+                    self._undefer(name)
+                else:  # a retry of a job that asked for one, or crashed
+                    consumer = self._consumers[q]
+                    consumer.ready.put(name)
+            if self._clock() >= next_scan:
+                next_scan = self._clock() + self._rescan
+                try:
+                    self._scan_dirs()
+                except OSError:
+                    log.exception("spool rescan failed")
+
+    def _undefer(self, name: str) -> None:
+        try:
+            os.rename(os.path.join(self._dir(Queue.DEFERRED), name), os.path.join(self._dir(Queue.DELIVER), name))
+            self._sync_dir(Queue.DELIVER)
+            self._sync_dir(Queue.DEFERRED)
+        except FileNotFoundError:
+            return
+        except OSError:
+            log.exception("cannot move %s from deferred to deliver; trying again later", name)
+            self._add_timer(self._clock() + 60, "deferred", Queue.DEFERRED, name)
+            return
+        self._announce(Queue.DELIVER, name, None)
+
+    def _work(self, consumer: _Consumer) -> None:
+        while not self._stopping.is_set():
+            try:
+                name = consumer.ready.get(timeout=0.2)
+            except queuelib.Empty:
+                continue
+            with self._cond:
+                self._inflight += 1
+            try:
+                self._process(consumer, name)
+            finally:
+                with self._cond:
+                    self._inflight -= 1
+                    self._cond.notify_all()
+
+    def _process(self, consumer: _Consumer, name: str) -> None:
+        q = consumer.queue
+        try:
+            envelope, body = self._read(q, name)
+        except FileNotFoundError:
+            self._forget(consumer, name)  # taken by recovery or another step
+            return
+        except (OSError, EnvelopeDecodeError, ValueError) as exc:
+            log.error("unreadable spool file %s/%s moved to dead: %s", q, name, exc)
+            self._move_raw(q, Queue.DEAD, name)
+            self._forget(consumer, name)
+            return
+        job = Job(q, envelope, body, self._crashes.get(name, 0))
+        try:
+            outputs = consumer.handler(job)
+        except RetryLater as exc:
+            log.info("queue_id=%s retry in %.0fs: %s", envelope.queue_id, exc.delay, exc.reason)
+            self._add_timer(self._clock() + exc.delay, "retry", q, name)
+            return
+        except Exception as exc:
+            crashes = self._crashes[name] = self._crashes.get(name, 0) + 1
+            log.exception("queue_id=%s handler for %s crashed (%d/%d)", envelope.queue_id, q, crashes, MAX_CRASHES)
+            if crashes < MAX_CRASHES:
+                self._add_timer(self._clock() + self._crash_delay * crashes, "retry", q, name)
+                return
+            reason = "".join(traceback.format_exception_only(exc)).strip()
+            outputs = [Output(Queue.DEAD, envelope.replace(last_error=f"{q}: {reason}"), body)]
+        try:
+            self.commit(q, name, envelope, body, outputs)
+        except (SpoolError, OSError) as exc:
+            log.error("queue_id=%s cannot commit step of %s, retrying: %s", envelope.queue_id, q, exc)
+            self._add_timer(self._clock() + 5.0, "retry", q, name)
+            return
+        self._crashes.pop(name, None)
+        self._forget(consumer, name)
+
+    def _forget(self, consumer: _Consumer, name: str) -> None:
+        with self._cond:
+            consumer.known.discard(name)
+
+    def commit(self, queue: Queue, name: str, envelope: Envelope, body: bytes, outputs: list[Output]) -> None:
+        """Store every output durably, then remove the job's file: the one place a job ends."""
+        _, gen = _split(name)
+        # At most one output continues this queue id (it becomes generation gen+1).
+        assert sum(o.envelope.queue_id == envelope.queue_id for o in outputs) <= 1, "two continuations"
+        touched: set[Queue] = set()
+        announced: list[tuple[Queue, str, Envelope]] = []
+        moved = False
+        for out in outputs:
+            if out.envelope.queue_id == envelope.queue_id:
+                if out.envelope == envelope and out.body is body and not moved:
+                    # Unchanged: an atomic rename is the whole step.
+                    self._move_raw(queue, out.queue, name)
+                    moved = True
+                    announced.append((out.queue, name, envelope))
+                    continue
+                out_name = _name(envelope.queue_id, gen + 1)
+            else:
+                out_name = _name(out.envelope.queue_id, 0)
+            self._write(out.queue, out_name, out.envelope, out.body)
+            touched.add(out.queue)
+            announced.append((out.queue, out_name, out.envelope))
+        for q in touched:
+            self._sync_dir(q)
+        if not moved:
+            self._unlink(queue, name)
+        for q, n, env in announced:
+            self._announce(q, n, env)
+
+    def _move_raw(self, src: Queue, dst: Queue, name: str) -> None:
+        os.rename(os.path.join(self._dir(src), name), os.path.join(self._dir(dst), name))
+        self._sync_dir(dst)
+        self._sync_dir(src)
+
+    def _unlink(self, queue: Queue, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(self._dir(queue), name))
+        self._sync_dir(queue)
+
+    # ------------------------------------------------------------ state
+
+    def depth(self, queue: Queue) -> int:
+        try:
+            return sum(1 for n in os.listdir(self._dir(queue)) if "," in n)
+        except OSError:
+            return 0
+
+    def list(self, queue: Queue) -> list[tuple[str, Envelope]]:
+        """(file name, envelope) of every message on a queue, oldest first (for the CLI)."""
+        out = []
+        for name in sorted(os.listdir(self._dir(queue))):
+            with contextlib.suppress(OSError, EnvelopeDecodeError, ValueError):
+                out.append((name, read_envelope(os.path.join(self._dir(queue), name))))
+        return out
+
+    def wait_idle(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                now = self._clock()
+                busy = self._inflight or any(not c.ready.empty() for c in self._consumers.values())
+                busy = busy or any(kind == "retry" or due <= now for due, kind, _, _ in self._timers)
+                if not busy:
+                    return True
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(min(left, 0.05))
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stopping.set()
+        with self._cond:
+            self._cond.notify_all()
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        self._threads.clear()
+        for consumer in self._consumers.values():
+            if consumer.lock_fd >= 0:
+                os.close(consumer.lock_fd)
+                consumer.lock_fd = -1
+        for fd in self._dir_fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._dir_fds.clear()

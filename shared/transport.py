@@ -1,0 +1,112 @@
+"""The transport contract: how services hand messages to each other.
+
+Two implementations honour it: the embedded spool directory (`shared.spool`)
+and RabbitMQ (`shared.broker`). Services only see this module.
+
+Contract:
+- `publish(queue, envelope, body)` returns only once the message is durable
+  (fsynced in the spool, or confirmed by the broker); otherwise it raises
+  `TransportError` and nothing may be acknowledged to a sender.
+- `consume(queue, handler, workers)` calls `handler(job)` from worker threads.
+  The handler returns the outputs of that step. The transport stores every
+  output durably *before* it removes the job (at-least-once): the ack happens
+  in exactly one place, after the outputs are safe.
+- A handler raising `RetryLater` leaves the job queued and retries it after
+  the delay. Any other exception is a crash: the job is retried, and after
+  `max_crashes` it moves to the `dead` queue with the reason, so a poison
+  message is neither lost nor retried forever.
+- Messages put on `deliver.deferred` come back on `deliver` once
+  `envelope.not_before` has passed (spool: a timer; broker: a TTL queue that
+  dead-letters into `deliver`).
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from shared.envelope import Envelope
+
+
+class Queue(enum.StrEnum):
+    SCAN = "scan"
+    DELIVER = "deliver"
+    DEFERRED = "deliver.deferred"
+    BOUNCE = "bounce"
+    QUARANTINE = "quarantine"
+    DEAD = "dead"
+
+
+# Queues a consumer works on; DEFERRED is only a waiting room and DEAD a shunt for humans.
+WORK_QUEUES = (Queue.SCAN, Queue.DELIVER, Queue.BOUNCE, Queue.QUARANTINE)
+
+# Moves to the dead queue after this many crashes of the same job (Mailman's MAX_BAK_COUNT).
+MAX_CRASHES = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One message handed to a consumer."""
+
+    queue: Queue
+    envelope: Envelope
+    body: bytes
+    redeliveries: int = 0  # how often this job was handed out before without finishing
+
+
+@dataclass(frozen=True, slots=True)
+class Output:
+    """One message a step produces; stored durably before its job is removed."""
+
+    queue: Queue
+    envelope: Envelope
+    body: bytes
+
+
+Handler = Callable[[Job], Sequence[Output]]
+
+
+class Transport(abc.ABC):
+    """Durable queues between the services. Thread-safe."""
+
+    @abc.abstractmethod
+    def publish(self, queue: Queue, envelope: Envelope, body: bytes) -> None:
+        """Store one message durably on `queue`; raise TransportError if that is impossible."""
+
+    @abc.abstractmethod
+    def consume(self, queue: Queue, handler: Handler, workers: int) -> None:
+        """Register `handler` for `queue` with `workers` threads; work starts at `start()`."""
+
+    @abc.abstractmethod
+    def start(self) -> None:
+        """Start the registered consumers (and the deferred-queue timer)."""
+
+    @abc.abstractmethod
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop taking new jobs, let in-flight jobs finish (up to `timeout`), release resources."""
+
+    @abc.abstractmethod
+    def depth(self, queue: Queue) -> int:
+        """Messages waiting on `queue` (not counting ones being worked on)."""
+
+    @abc.abstractmethod
+    def wait_idle(self, timeout: float) -> bool:
+        """Block until no registered consumer has anything ready or in flight. For tests and
+        `run --until-idle`; deferred messages that are not yet due do not count."""
+
+    def accepting(self) -> str | None:
+        """None when new mail may be accepted, else why not (back-pressure, broker down)."""
+        return None
+
+
+def open_transport(url: str, *, spool_dir: str, namespace: str = "smtpgw", **options: object) -> Transport:
+    """Build the transport a `[broker].url` names."""
+    if url == "embedded":
+        from shared.spool import SpoolTransport
+
+        return SpoolTransport(spool_dir, **options)  # type: ignore[arg-type]
+    from shared.broker import BrokerTransport  # type: ignore[import-not-found,unused-ignore]
+
+    return BrokerTransport(url, namespace=namespace, **options)  # type: ignore[no-any-return,unused-ignore]
