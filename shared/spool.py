@@ -78,7 +78,7 @@ class _Consumer:
     queue: Queue
     handler: Handler
     workers: int
-    ready: queuelib.Queue[str] = field(default_factory=queuelib.Queue)
+    ready: queuelib.Queue[str | None] = field(default_factory=queuelib.Queue)
     known: set[str] = field(default_factory=set)  # queued or in flight in this process
     lock_fd: int = -1
 
@@ -284,10 +284,9 @@ class SpoolTransport(Transport):
 
     def _work(self, consumer: _Consumer) -> None:
         while not self._stopping.is_set():
-            try:
-                name = consumer.ready.get(timeout=0.2)
-            except queuelib.Empty:
-                continue
+            name = consumer.ready.get()
+            if name is None:  # stop() wakes each worker with one None
+                return
             with self._cond:
                 self._inflight += 1
             try:
@@ -410,6 +409,9 @@ class SpoolTransport(Transport):
         self._stopping.set()
         with self._cond:
             self._cond.notify_all()
+        for consumer in self._consumers.values():
+            for _ in range(consumer.workers):
+                consumer.ready.put(None)
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))

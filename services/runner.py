@@ -1,0 +1,114 @@
+"""Runs one service or all of them in this process: the wiring of `smtpgw run`.
+
+Builds the transport named by `[broker].url`, registers the consumers of the
+requested roles, serves metrics, and on SIGTERM/SIGINT stops in the order that
+loses nothing: stop accepting SMTP, let consumers finish their in-flight jobs
+(they ack only after their outputs are durable), then close adapters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from prometheus_client import REGISTRY
+
+from shared.config import Config
+from shared.metrics import QueueDepthCollector, serve
+from shared.transport import Queue, Transport, open_transport
+
+log = logging.getLogger(__name__)
+
+ROLES = ("receiver", "scanner", "delivery", "quarantine")
+
+
+@dataclass
+class Running:
+    """What `start` built, so `stop` (and tests) can take it down again."""
+
+    transport: Transport
+    closers: list[Callable[[], None]] = field(default_factory=list)
+
+
+def start_consumers(config: Config, roles: set[str], transport: Transport, threads: int | None = None) -> Running:
+    """Register the consumers of `roles` on `transport` and start it."""
+    running = Running(transport)
+    if "scanner" in roles:
+        from services.scanner.app import ClamdClient, build_handler
+
+        clamd = ClamdClient(config.scanner.clamd, config.scanner.clamd_timeout)
+        transport.consume(Queue.SCAN, build_handler(config, clamd), threads or config.scanner.threads)
+    if "delivery" in roles:
+        from services.delivery.app import Delivery
+
+        delivery = Delivery(config)
+        transport.consume(Queue.DELIVER, delivery.handle_deliver, config.delivery.threads)
+        # Bounces have their own queue and worker, so a bounce storm never starves normal delivery.
+        transport.consume(Queue.BOUNCE, delivery.handle_bounce, 1)
+        running.closers.append(delivery.close)
+    if "quarantine" in roles:
+        from services.quarantine.app import Quarantine
+
+        quarantine = Quarantine(config)
+        transport.consume(Queue.QUARANTINE, quarantine.handle, 1)
+        quarantine.start_purger()
+        running.closers.append(quarantine.close)
+    transport.start()
+    return running
+
+
+def stop_consumers(running: Running, timeout: float = 30.0) -> None:
+    running.transport.stop(timeout)
+    for close in running.closers:
+        try:
+            close()
+        except Exception:
+            log.exception("error while closing")
+
+
+def run(config: Config, roles: set[str], threads: int | None = None) -> int:
+    """Run until SIGTERM or SIGINT; returns the process exit code."""
+    transport = open_transport(config)
+    if config.metrics.enabled:
+        REGISTRY.register(QueueDepthCollector([q.value for q in Queue], lambda q: transport.depth(Queue(q))))
+        serve(config.metrics.listen.host, config.metrics.listen.port)
+    running = start_consumers(config, roles - {"receiver"}, transport, threads)
+    log.info("started %s", ", ".join(sorted(roles)))
+    try:
+        if "receiver" in roles:
+            asyncio.run(_serve_smtp(config, transport))
+        else:
+            _wait_for_signal()
+    finally:
+        log.info("stopping: finishing in-flight work")
+        stop_consumers(running)
+        log.info("stopped")
+    return 0
+
+
+async def _serve_smtp(config: Config, transport: Transport) -> None:
+    from services.receiver.app import Receiver
+
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    receiver = Receiver(config, transport)
+    await receiver.start()
+    log.info("receiver listening on %s", config.receiver.listen)
+    await stopping.wait()
+    await receiver.stop()
+
+
+def _wait_for_signal() -> None:
+    stopping = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.set())
+    with contextlib.suppress(KeyboardInterrupt):
+        while not stopping.wait(1.0):
+            pass

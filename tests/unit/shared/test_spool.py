@@ -1,0 +1,153 @@
+"""Spool-specific behaviour the generic transport contract cannot see: the files."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from shared.envelope import Client, Envelope, new_queue_id
+from shared.errors import SpoolError
+from shared.spool import SpoolTransport, pack, read_envelope, unpack
+from shared.transport import Job, Output, Queue
+
+
+def env(**changes: object) -> Envelope:
+    base = Envelope(
+        queue_id=new_queue_id(),
+        received_at=datetime.now(UTC),
+        client=Client("192.0.2.1"),
+        mail_from="s@example.org",
+        rcpt_to=("r@example.test",),
+        size=5,
+        sha256="0" * 64,
+    )
+    return base.replace(**changes)
+
+
+def files(root: Path, queue: Queue | str) -> list[str]:
+    return sorted(os.listdir(root / str(queue)))
+
+
+def test_pack_unpack_roundtrip_binary() -> None:
+    e = env()
+    body = bytes(range(256)) * 10 + b"\r\n.\r\n"
+    got_env, got_body = unpack(b"".join(pack(e, body)))
+    assert got_env == e and got_body == body
+
+
+def test_publish_is_a_complete_file_and_tmp_is_empty(spool_dir: Path) -> None:
+    t = SpoolTransport(str(spool_dir))
+    e = env()
+    t.publish(Queue.SCAN, e, b"hello")
+    assert files(spool_dir, Queue.SCAN) == [f"{e.queue_id},0"]
+    assert files(spool_dir, "tmp") == []
+    assert read_envelope(str(spool_dir / "scan" / f"{e.queue_id},0")) == e
+    t.stop()
+
+
+def test_recovery_keeps_the_newest_generation_and_drops_tmp(spool_dir: Path) -> None:
+    """A crash between writing generation 1 and removing generation 0 leaves both: keep 1."""
+    t = SpoolTransport(str(spool_dir))
+    e = env()
+    t.publish(Queue.SCAN, e, b"old")
+    (spool_dir / "deliver" / f"{e.queue_id},1").write_bytes(b"".join(pack(e, b"new")))
+    (spool_dir / "tmp" / "half-written").write_bytes(b"garbage")
+    t.stop()
+
+    seen: list[bytes] = []
+    done = threading.Event()
+
+    def handler(job: Job) -> list[Output]:
+        seen.append(job.body)
+        done.set()
+        return []
+
+    t2 = SpoolTransport(str(spool_dir))
+    t2.consume(Queue.SCAN, lambda job: pytest.fail("stale generation was processed"), 1)
+    t2.consume(Queue.DELIVER, handler, 1)
+    t2.start()
+    assert done.wait(5)
+    assert t2.wait_idle(5)
+    t2.stop()
+    assert seen == [b"new"]
+    assert files(spool_dir, Queue.SCAN) == [] and files(spool_dir, "tmp") == []
+
+
+def test_unchanged_move_is_a_rename_and_changed_step_writes_next_generation(spool_dir: Path) -> None:
+    t = SpoolTransport(str(spool_dir))
+    e = env()
+    t.publish(Queue.SCAN, e, b"body")
+    inode = os.stat(spool_dir / "scan" / f"{e.queue_id},0").st_ino
+    t.consume(Queue.SCAN, lambda job: [Output(Queue.DELIVER, job.envelope, job.body)], 1)
+    t.start()
+    assert t.wait_idle(5)
+    t.stop()
+    moved = spool_dir / "deliver" / f"{e.queue_id},0"
+    assert os.stat(moved).st_ino == inode  # renamed, not rewritten
+
+    t = SpoolTransport(str(spool_dir))
+    t.consume(Queue.DELIVER, lambda job: [Output(Queue.BOUNCE, job.envelope.replace(attempts=1), job.body)], 1)
+    t.start()
+    assert t.wait_idle(5)
+    t.stop()
+    assert files(spool_dir, Queue.DELIVER) == []
+    assert files(spool_dir, Queue.BOUNCE) == [f"{e.queue_id},1"]
+
+
+def test_second_process_cannot_consume_the_same_queue(spool_dir: Path) -> None:
+    a = SpoolTransport(str(spool_dir))
+    a.consume(Queue.SCAN, lambda job: [], 1)
+    a.start()
+    b = SpoolTransport(str(spool_dir))
+    b.consume(Queue.SCAN, lambda job: [], 1)
+    with pytest.raises(SpoolError, match="consumed by another process"):
+        b.start()
+    a.stop()
+
+
+def test_files_added_by_another_process_are_picked_up(spool_dir: Path) -> None:
+    consumer = SpoolTransport(str(spool_dir), rescan=0.05)
+    got = threading.Event()
+    consumer.consume(Queue.DELIVER, lambda job: (got.set(), [])[1], 1)
+    consumer.start()
+    SpoolTransport(str(spool_dir)).publish(Queue.DELIVER, env(), b"from the CLI")
+    assert got.wait(5)
+    consumer.stop()
+
+
+def test_unreadable_file_goes_to_dead_not_lost(spool_dir: Path) -> None:
+    (spool_dir / "scan").mkdir(exist_ok=True)
+    (spool_dir / "scan" / "BROKEN,0").write_bytes(b"this is not a spool file")
+    t = SpoolTransport(str(spool_dir))
+    t.consume(Queue.SCAN, lambda job: pytest.fail("garbage reached the handler"), 1)
+    t.start()
+    assert t.wait_idle(5)
+    t.stop()
+    assert files(spool_dir, Queue.DEAD) == ["BROKEN,0"]
+
+
+def test_deferred_comes_back_when_due(spool_dir: Path) -> None:
+    t = SpoolTransport(str(spool_dir))
+    got = threading.Event()
+    t.consume(Queue.DELIVER, lambda job: (got.set(), [])[1], 1)
+    t.start()
+    t.publish(Queue.DEFERRED, env(not_before=datetime.now(UTC) + timedelta(seconds=0.2)), b"x")
+    assert files(spool_dir, Queue.DEFERRED)
+    assert got.wait(5)
+    assert t.wait_idle(5)
+    t.stop()
+    assert files(spool_dir, Queue.DEFERRED) == []
+
+
+def test_publish_failure_raises_spool_error(spool_dir: Path) -> None:
+    t = SpoolTransport(str(spool_dir))
+    shutil.rmtree(spool_dir / "tmp")  # root ignores file modes, so break the spool by removing a directory
+    with pytest.raises(SpoolError, match="cannot store"):
+        t.publish(Queue.SCAN, env(), b"x")
+    assert files(spool_dir, Queue.SCAN) == []
+    t.stop()
