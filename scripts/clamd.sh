@@ -1,38 +1,71 @@
 #!/usr/bin/env bash
-# Start the project's clamd (bundled config and signatures) unless one already
-# answers PING on 127.0.0.1:$CLAMD_PORT. Idempotent; used by `make run`,
-# `make test` and .ci/run.
+# Start the project's clamd (bundled config and test signatures) unless one
+# already answers PING on 127.0.0.1:$CLAMD_PORT. Idempotent: never stops or
+# restarts a clamd that runs. Used by scripts/setup.sh (so by `make run`,
+# `make test` and .ci/run) and by the tests' `clamd_address` fixture.
+#
+# Everything clamd writes stays under var/: config, pid file, log, socket,
+# temporary files, and the signature directory (seeded from etc/clamav/ once;
+# after that it belongs to the updater).
+#
+# Stop it with: kill "$(cat var/clamd/clamd.pid)"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VAR="$(pwd)/var"
 PORT="${CLAMD_PORT:-3310}"
+PID_FILE="$VAR/clamd/clamd.pid"
 
+# Plain bash (/dev/tcp), so this works before Python is installed. clamd's
+# z-prefixed commands end with NUL, and so do its replies.
 ping_clamd() {
-    python3 - "$PORT" <<'PY'
-import socket, sys
-try:
-    with socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=2) as s:
-        s.sendall(b"zPING\0")
-        sys.exit(0 if s.recv(16).startswith(b"PONG") else 1)
-except OSError:
-    sys.exit(1)
-PY
+    timeout 3 bash -c '
+        exec 3<>"/dev/tcp/127.0.0.1/$1" || exit 1
+        printf "zPING\0" >&3
+        IFS= read -r -d "" -t 2 reply <&3 || true
+        [ "$reply" = PONG ]
+    ' _ "$PORT" 2>/dev/null
 }
 
 if ping_clamd; then
     echo "clamd: already answering on 127.0.0.1:$PORT"
     exit 0
 fi
-command -v clamd >/dev/null || { echo "clamd is not installed (scripts/setup.sh installs it)" >&2; exit 1; }
-mkdir -p "$VAR/clamd/tmp" "$VAR/clamav"
-# The signature directory belongs to the updater once it has run; seed it only when empty.
-if [ -z "$(ls -A "$VAR/clamav" 2>/dev/null)" ]; then
-    cp etc/clamav/*.hsb "$VAR/clamav/"
+
+# A clamd of ours that is alive but not answering yet is still loading its
+# signatures: wait for it rather than start a second one that cannot bind.
+running_pid=""
+if [ -s "$PID_FILE" ]; then
+    pid="$(cat "$PID_FILE")"
+    if [ -r "/proc/$pid/comm" ] && [ "$(cat "/proc/$pid/comm")" = clamd ]; then
+        running_pid="$pid"
+    fi
 fi
-sed -e "s|@VAR@|$VAR|g" -e "s|@PORT@|$PORT|g" etc/clamav/clamd.conf.in > "$VAR/clamd/clamd.conf"
-clamd --config-file="$VAR/clamd/clamd.conf"
+
+if [ -n "$running_pid" ]; then
+    echo "clamd: pid $running_pid is starting; waiting for it"
+else
+    command -v clamd >/dev/null || {
+        echo "clamd is not installed (scripts/setup.sh installs it: apt-get install clamav-daemon)" >&2
+        exit 1
+    }
+    mkdir -p "$VAR/clamd/tmp" "$VAR/clamav"
+    # Seed the signature directory only when it is empty: once the updater has
+    # activated newer signatures there, they are not ours to overwrite.
+    if [ -z "$(ls -A "$VAR/clamav" 2>/dev/null)" ]; then
+        for sig in etc/clamav/*; do
+            case "$sig" in *.in | */README*) continue ;; esac
+            cp "$sig" "$VAR/clamav/"
+        done
+    fi
+    sed -e "s|@VAR@|$VAR|g" -e "s|@PORT@|$PORT|g" etc/clamav/clamd.conf.in >"$VAR/clamd/clamd.conf"
+    clamd --config-file="$VAR/clamd/clamd.conf"
+fi
+
 for _ in $(seq 1 120); do
-    if ping_clamd; then echo "clamd: started on 127.0.0.1:$PORT (log: $VAR/clamd/clamd.log)"; exit 0; fi
+    if ping_clamd; then
+        echo "clamd: answering on 127.0.0.1:$PORT (pid $(cat "$PID_FILE" 2>/dev/null || echo '?'), log: $VAR/clamd/clamd.log)"
+        exit 0
+    fi
     sleep 0.5
 done
 echo "clamd did not answer within 60s; see $VAR/clamd/clamd.log" >&2

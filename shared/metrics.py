@@ -46,6 +46,12 @@ QUARANTINED = Counter("smtpgw_quarantine_messages_total", "Messages put in quara
 # transport
 JOBS = Counter("smtpgw_queue_jobs_total", "Jobs finished by consumers", ["queue", "result"])
 
+# broker (RabbitMQ transport)
+BROKER_CONNECTS = Counter("smtpgw_broker_connections_opened_total", "Connections opened to RabbitMQ", ["role"])
+BROKER_PUBLISH_FAILURES = Counter(
+    "smtpgw_broker_publish_failures_total", "Broker operations that raised BrokerError", ["reason"]
+)  # reason: unavailable, refused (nack), timeout
+
 
 class QueueDepthCollector(Collector):
     """Reports `smtpgw_queue_depth{queue}` by asking the transport at scrape time."""

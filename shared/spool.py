@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 from shared.envelope import Envelope, decode, encode
 from shared.errors import EnvelopeDecodeError, RetryLater, SpoolError
+from shared.metrics import JOBS
 from shared.transport import MAX_CRASHES, Handler, Job, Output, Queue, Transport
 
 log = logging.getLogger(__name__)
@@ -312,11 +313,13 @@ class SpoolTransport(Transport):
         try:
             outputs = consumer.handler(job)
         except RetryLater as exc:
+            JOBS.labels(q.value, "retry").inc()
             log.info("queue_id=%s retry in %.0fs: %s", envelope.queue_id, exc.delay, exc.reason)
             self._add_timer(self._clock() + exc.delay, "retry", q, name)
             return
         except Exception as exc:
             crashes = self._crashes[name] = self._crashes.get(name, 0) + 1
+            JOBS.labels(q.value, "crash").inc()
             log.exception("queue_id=%s handler for %s crashed (%d/%d)", envelope.queue_id, q, crashes, MAX_CRASHES)
             if crashes < MAX_CRASHES:
                 self._add_timer(self._clock() + self._crash_delay * crashes, "retry", q, name)
@@ -331,6 +334,7 @@ class SpoolTransport(Transport):
             return
         self._crashes.pop(name, None)
         self._forget(consumer, name)
+        JOBS.labels(q.value, "done").inc()
 
     def _forget(self, consumer: _Consumer, name: str) -> None:
         with self._cond:

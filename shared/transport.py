@@ -26,8 +26,12 @@ import abc
 import enum
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from shared.envelope import Envelope
+
+if TYPE_CHECKING:
+    from shared.config import Config
 
 
 class Queue(enum.StrEnum):
@@ -101,12 +105,12 @@ class Transport(abc.ABC):
         return None
 
 
-def open_transport(url: str, *, spool_dir: str, namespace: str = "smtpgw", **options: object) -> Transport:
-    """Build the transport a `[broker].url` names."""
-    if url == "embedded":
+def open_transport(config: Config) -> Transport:
+    """Build the transport `[broker].url` names: the spool of `[spool]`, or RabbitMQ."""
+    if config.broker.url == "embedded":
         from shared.spool import SpoolTransport
 
-        return SpoolTransport(spool_dir, **options)  # type: ignore[arg-type]
-    from shared.broker import BrokerTransport  # type: ignore[import-not-found,unused-ignore]
+        return SpoolTransport(config.spool.dir, fsync=config.spool.fsync)
+    from shared.broker import BrokerTransport
 
-    return BrokerTransport(url, namespace=namespace, **options)  # type: ignore[no-any-return,unused-ignore]
+    return BrokerTransport(config.broker, retry_interval=config.delivery.retry_interval)

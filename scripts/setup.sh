@@ -1,0 +1,148 @@
+#!/usr/bin/env bash
+# Install and start what smtpgw needs on a Debian 12 machine, as root; used by
+# `make run`, `make test` and (through `make test`) .ci/run.
+#
+#   scripts/setup.sh                      everything the test suite needs
+#   scripts/setup.sh --without-rabbitmq   what `make run` needs (embedded spool, no broker)
+#
+# Idempotent and cheap the second time: it installs only what is missing and
+# starts only what is not running, so a second run does no network work.
+#   1. Debian packages: ClamAV (clamd, the clamav-testfiles corpus the scanner
+#      tests use), swaks (the README's test client), dnsmasq-base (a real DNS
+#      server for the delivery tests' MX lookups), Python's venv module when
+#      missing, and rabbitmq-server when no broker answers on 127.0.0.1:5672.
+#      `apt-get update` runs only when something must be installed.
+#   2. The virtualenv .venv with the project installed editable with its
+#      [test] extra; pip runs again only when pyproject.toml changed (the
+#      stamp file .venv/.smtpgw-pyproject holds the hash it was installed from).
+#   3. RabbitMQ (`rabbitmq-server -detached`) when it does not answer, then
+#      clamd with the bundled signatures (scripts/clamd.sh).
+# It never stops or restarts anything that runs, and needs no systemd.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+WITH_RABBITMQ=1
+for arg in "$@"; do
+    case "$arg" in
+        --without-rabbitmq) WITH_RABBITMQ=0 ;;
+        -h | --help)
+            sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
+            exit 0
+            ;;
+        *)
+            echo "usage: $0 [--without-rabbitmq]" >&2
+            exit 2
+            ;;
+    esac
+done
+
+VENV=.venv
+STAMP="$VENV/.smtpgw-pyproject"
+RABBITMQ_PORT=5672
+PACKAGES=(clamav-daemon clamav clamav-testfiles clamdscan swaks dnsmasq-base)
+
+say() { printf 'setup: %s\n' "$*"; }
+die() {
+    printf 'setup: %s\n' "$*" >&2
+    exit 1
+}
+
+port_open() { timeout 3 bash -c 'exec 3<>"/dev/tcp/$1/$2"' _ "$1" "$2" 2>/dev/null; }
+
+installed() { [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok installed" ]; }
+
+# The Python the venv is made from: 3.11 or newer with the venv module and pip
+# (Debian ships ensurepip separately, in python3-venv).
+python_ok() {
+    command -v python3 >/dev/null &&
+        python3 -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 11))' 2>/dev/null
+}
+
+# ---------------------------------------------------------------- 1. packages
+
+[ "$(id -u)" = 0 ] || die "run me as root (I install Debian packages and start clamd)"
+
+missing=()
+for pkg in "${PACKAGES[@]}"; do
+    installed "$pkg" || missing+=("$pkg")
+done
+if ! python_ok; then
+    # A python3 that is not Debian's (pyenv, /usr/local) is the admin's business:
+    # installing python3-venv would not give it a venv module.
+    if command -v python3 >/dev/null && [ "$(command -v python3)" != /usr/bin/python3 ]; then
+        die "$(command -v python3) is not Python >= 3.11 with the venv module; fix it or put Debian's python3 first in PATH"
+    fi
+    missing+=(python3 python3-venv)
+fi
+if [ "$WITH_RABBITMQ" = 1 ] && ! port_open 127.0.0.1 "$RABBITMQ_PORT" && ! installed rabbitmq-server; then
+    missing+=(rabbitmq-server)
+fi
+
+if [ "${#missing[@]}" -gt 0 ]; then
+    command -v apt-get >/dev/null || die "missing ${missing[*]}, and this is not a Debian system with apt-get"
+    say "installing Debian packages: ${missing[*]}"
+    # Without systemd, the maintainer scripts would start Debian's own
+    # clamav-daemon, clamav-freshclam (which then tries to download signatures
+    # forever) and rabbitmq-server from /etc/init.d. smtpgw starts its own clamd
+    # and starts RabbitMQ below, so tell invoke-rc.d "no" for the duration
+    # (exit 101 = action forbidden, see /usr/share/doc/init-system-helpers/README.policy-rc.d).
+    # An existing policy-rc.d belongs to the machine and is left alone.
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\n# Temporary, from smtpgw scripts/setup.sh: no service starts during apt-get install.\nexit 101\n' \
+            >/usr/sbin/policy-rc.d
+        chmod 755 /usr/sbin/policy-rc.d
+        trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    # Another apt (an admin, unattended-upgrades) may hold the lock: wait for it.
+    apt-get -o DPkg::Lock::Timeout=600 update -qq
+    apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}"
+    if [ -n "$(trap -p EXIT)" ]; then
+        rm -f /usr/sbin/policy-rc.d
+        trap - EXIT
+    fi
+else
+    say "Debian packages: all present"
+fi
+python_ok || die "python3 still lacks Python >= 3.11 with the venv module"
+
+# ---------------------------------------------------------------- 2. virtualenv
+
+if ! "$VENV/bin/python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+    [ -e "$VENV" ] && say "$VENV is broken or too old; making it anew"
+    rm -rf "$VENV"
+    say "creating $VENV"
+    python3 -m venv "$VENV"
+fi
+want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
+    say "installing the project into $VENV (pip install -e '.[test]')"
+    "$VENV/bin/python" -m pip install --disable-pip-version-check --quiet --editable '.[test]'
+    echo "$want" >"$STAMP"
+else
+    say "$VENV: up to date with pyproject.toml"
+fi
+
+# ---------------------------------------------------------------- 3. services
+
+if [ "$WITH_RABBITMQ" = 1 ]; then
+    if port_open 127.0.0.1 "$RABBITMQ_PORT"; then
+        say "RabbitMQ: already answering on 127.0.0.1:$RABBITMQ_PORT"
+    else
+        say "RabbitMQ: starting (rabbitmq-server -detached)"
+        # As root, Debian's wrapper runs the broker as the rabbitmq user. If a
+        # node is already booting, this start fails and we just wait for it.
+        rabbitmq-server -detached || say "RabbitMQ: a node seems to be starting already; waiting for it"
+        for _ in $(seq 1 180); do
+            port_open 127.0.0.1 "$RABBITMQ_PORT" && break
+            sleep 1
+        done
+        if ! port_open 127.0.0.1 "$RABBITMQ_PORT"; then
+            tail -n 30 /var/log/rabbitmq/*.log >&2 2>/dev/null || true
+            die "RabbitMQ did not answer on 127.0.0.1:$RABBITMQ_PORT within 180s (logs: /var/log/rabbitmq/)"
+        fi
+        say "RabbitMQ: answering on 127.0.0.1:$RABBITMQ_PORT"
+    fi
+fi
+
+scripts/clamd.sh

@@ -1,0 +1,468 @@
+"""SMTP client adapter: aiosmtplib in, one result per recipient out.
+
+Given the hops of a destination and one transaction (sender, recipients,
+bytes), it connects to the first hop that answers, speaks EHLO, STARTTLS
+when offered (opportunistic: certificates are not verified and a failed
+handshake falls back to plaintext, RFC 3207 section 4.1 and RFC 7435), MAIL
+with the SIZE/BODY/SMTPUTF8 parameters the envelope needs and the server
+offers, one RCPT per recipient, DATA. aiosmtplib's and the socket's
+exceptions never leave this module: inside they become
+`TemporaryFailure`/`PermanentFailure`, and `send` returns values.
+
+Connections are kept for reuse per destination (Postfix's connection cache,
+`CONNECTION_CACHE_README`): a pooled connection is checked out by exactly one
+transaction at a time and answered RSET before it is used again. Everything
+here runs on the delivery service's single event loop, so the pool needs no
+lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import ssl
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import aiosmtplib
+
+from services.delivery.classify import (
+    BAD_CONNECTION,
+    NEEDS_SMTPUTF8,
+    NO_ANSWER,
+    TOO_BIG,
+    Outcome,
+    RcptResult,
+    Reply,
+    Stage,
+    classify,
+    failure_reply,
+    parse_reply,
+    retry_in_next_transaction,
+)
+from services.delivery.routing import Hop
+from shared.errors import DeliveryError, PermanentFailure, TemporaryFailure
+
+log = logging.getLogger(__name__)
+
+HopSource = Callable[[], Awaitable[Sequence[Hop]]]
+OnDelivered = Callable[[Sequence[str]], Awaitable[None]]
+
+# Characters that must never reach a MAIL/RCPT command line (command injection, RFC 5321 section 4.1.2).
+_BAD_ADDRESS = re.compile(r"[\x00-\x1f\x7f<>]")
+_HEADER_END = re.compile(rb"\r?\n\r?\n")
+
+
+@dataclass(frozen=True, slots=True)
+class Transaction:
+    """What one SMTP transaction carries."""
+
+    mail_from: str
+    rcpts: tuple[str, ...]
+    body: bytes
+    smtputf8: bool = False  # the client that gave us the message asked for SMTPUTF8
+    eight_bit: bool = False  # BODY=8BITMIME was given (RFC 6152)
+
+
+def needs_smtputf8(tx: Transaction) -> bool:
+    """Does the transaction really need SMTPUTF8 (RFC 6531 section 3.2)? Only when an address
+    or the header section is not ASCII; a message merely flagged SMTPUTF8 can go without it."""
+    if not tx.mail_from.isascii() or not all(r.isascii() for r in tx.rcpts):
+        return True
+    end = _HEADER_END.search(tx.body)
+    return not tx.body[: end.start() if end else len(tx.body)].isascii()
+
+
+def opportunistic_tls_context() -> ssl.SSLContext:
+    """TLS for MX delivery: encrypt when offered, never fail on the certificate (RFC 7435)."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+@dataclass(eq=False)
+class _Connection:
+    smtp: aiosmtplib.SMTP
+    hop: Hop
+    tls: bool
+    opened: float
+    idle_since: float = 0.0
+    broken: bool = False  # the session state is unknown (timeout, drop): never reuse
+
+
+class SmtpClient:
+    """Delivers transactions; pools connections per destination. Use from one event loop only."""
+
+    def __init__(
+        self,
+        helo_name: str,
+        timeout: float,
+        *,
+        tls_context: ssl.SSLContext | None = None,
+        max_idle: int = 4,
+        idle_time: float = 10.0,
+        reuse_time: float = 300.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        # RFC 5321 section 4.1.1.1: EHLO takes an ASCII domain; a U-label name goes as its A-label.
+        self._helo = helo_name if helo_name.isascii() else helo_name.encode("idna").decode("ascii")
+        self._timeout = timeout
+        self._tls = tls_context if tls_context is not None else opportunistic_tls_context()
+        # Postfix caches connections for 2 s idle and reuses them for 300 s at most
+        # (smtp_connection_cache_time_limit, smtp_connection_reuse_time_limit).
+        self._max_idle = max_idle
+        self._idle_time = idle_time
+        self._reuse_time = reuse_time
+        self._clock = clock
+        self._idle: dict[str, list[_Connection]] = {}
+        self._reaper: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------ public
+
+    async def send(self, key: str, hops: HopSource, tx: Transaction, on_delivered: OnDelivered) -> list[RcptResult]:
+        """Deliver `tx` to the destination `key`; one result per recipient, in order.
+
+        `hops` is called only when no pooled connection exists (it may look up DNS
+        and raise TemporaryFailure/PermanentFailure). `on_delivered` is awaited
+        with the recipients a 250 after DATA covered, before anything else happens.
+        """
+        try:
+            conn = await self._checkout(key, hops)
+        except _HopsFailed as exc:
+            return self._fail_all(tx.rcpts, exc.error, exc.hop)
+        except DeliveryError as exc:
+            return self._fail_all(tx.rcpts, exc, None)
+        try:
+            results = await self._transact(conn, tx, on_delivered)
+        except BaseException:
+            conn.broken = True
+            raise
+        finally:
+            await self._release(key, conn)
+        return [results[r] for r in tx.rcpts]
+
+    async def aclose(self) -> None:
+        """Close every pooled connection (QUIT, then close)."""
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+            self._reaper = None
+        idle = [c for conns in self._idle.values() for c in conns]
+        self._idle.clear()
+        await asyncio.gather(*(self._quit(c) for c in idle))
+
+    def idle_connections(self, key: str) -> int:
+        """How many connections to `key` wait in the pool (for tests and metrics)."""
+        return len(self._idle.get(key, ()))
+
+    # ------------------------------------------------------------ results
+
+    def _fail_all(self, rcpts: Sequence[str], error: DeliveryError, hop: Hop | None) -> list[RcptResult]:
+        outcome, reply = failure_reply(error)
+        relay, remote = (hop.relay, hop.host) if hop else ("none", "")
+        return [RcptResult(r, outcome, reply, relay, remote) for r in rcpts]
+
+    @staticmethod
+    def _result(rcpt: str, conn: _Connection, outcome: Outcome, reply: Reply) -> RcptResult:
+        return RcptResult(rcpt, outcome, reply, conn.hop.relay, conn.hop.host)
+
+    # ------------------------------------------------------------ pool
+
+    async def _checkout(self, key: str, hops: HopSource) -> _Connection:
+        idle = self._idle.get(key, [])
+        while idle:
+            conn = idle.pop()
+            if self._usable(conn):
+                try:
+                    # RSET both clears any state left over and proves the peer still listens.
+                    response = await conn.smtp.execute_command(b"RSET")
+                    if response.code == 250:
+                        return conn
+                except (aiosmtplib.SMTPException, OSError):
+                    pass
+            await self._quit(conn)
+        return await self._connect(await hops())
+
+    def _usable(self, conn: _Connection) -> bool:
+        now = self._clock()
+        return (
+            not conn.broken
+            and conn.smtp.is_connected
+            and now - conn.opened < self._reuse_time
+            and now - conn.idle_since < self._idle_time
+        )
+
+    async def _release(self, key: str, conn: _Connection) -> None:
+        conn.idle_since = self._clock()
+        pool = self._idle.setdefault(key, [])
+        if not self._usable(conn) or len(pool) >= self._max_idle:
+            await self._quit(conn)
+            return
+        pool.append(conn)
+        if self._reaper is None or self._reaper.done():
+            self._reaper = asyncio.create_task(self._reap())
+
+    async def _reap(self) -> None:
+        """Close connections idle too long, so peers are not left holding them."""
+        while any(self._idle.values()):
+            await asyncio.sleep(self._idle_time / 2)
+            for key, conns in list(self._idle.items()):
+                keep = [c for c in conns if self._usable(c)]
+                for conn in conns:
+                    if conn not in keep:
+                        await self._quit(conn)
+                if keep:
+                    self._idle[key] = keep
+                else:
+                    del self._idle[key]
+
+    async def _quit(self, conn: _Connection) -> None:
+        if conn.smtp.is_connected and not conn.broken:
+            with contextlib.suppress(aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
+                await conn.smtp.quit(timeout=min(self._timeout, 5.0))
+        conn.smtp.close()
+
+    # ------------------------------------------------------------ session
+
+    async def _connect(self, hops: Sequence[Hop]) -> _Connection:
+        """The first hop that greets us and takes EHLO/HELO. RFC 5321 section 5.1: on a
+        connection failure or a 4xx (or 5xx, like Postfix's smtp_skip_5xx_greeting) greeting,
+        try the next one. Raises _HopsFailed with the best error: temporary if any was."""
+        failures: list[tuple[Hop, DeliveryError]] = []
+        for hop in hops:
+            try:
+                return await self._open(hop, tls=True)
+            except DeliveryError as exc:
+                log.debug("hop %s failed: %s", hop.relay, exc)
+                failures.append((hop, exc))
+        if not failures:
+            raise TemporaryFailure(f"{NO_ANSWER} no host to connect to")
+        temporary = [f for f in failures if isinstance(f[1], TemporaryFailure)]
+        hop, error = (temporary or failures)[-1]
+        raise _HopsFailed(hop, error)
+
+    async def _open(self, hop: Hop, *, tls: bool) -> _Connection:
+        smtp = aiosmtplib.SMTP(
+            hostname=hop.address,
+            port=hop.port,
+            local_hostname=self._helo,
+            timeout=self._timeout,
+            start_tls=False,
+            validate_certs=False,
+        )
+        where = hop.relay
+        try:
+            await smtp.connect()
+        except aiosmtplib.SMTPConnectResponseError as exc:
+            smtp.close()
+            raise _reply_error(exc.code, exc.message, Stage.CONNECT) from None
+        except aiosmtplib.SMTPConnectTimeoutError:
+            smtp.close()
+            raise TemporaryFailure(f"{NO_ANSWER} connect to {where}: timed out") from None
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            smtp.close()
+            raise TemporaryFailure(f"{NO_ANSWER} connect to {where}: {_reason(exc)}") from None
+        peer = smtp.get_transport_info("peername")
+        if peer:
+            hop = Hop(hop.host, str(peer[0]), hop.port)
+        conn = _Connection(smtp, hop, tls=False, opened=self._clock())
+        try:
+            await self._hello(conn)
+            if tls and smtp.supports_extension("starttls") and not await self._starttls(conn):
+                # RFC 7435: a failed opportunistic handshake must not stop delivery;
+                # the session is unusable now, so start over in plaintext.
+                smtp.close()
+                return await self._open(hop, tls=False)
+        except BaseException:
+            smtp.close()
+            raise
+        return conn
+
+    async def _hello(self, conn: _Connection) -> None:
+        """EHLO, falling back to HELO on a 5xx (RFC 5321 section 3.2)."""
+        where = conn.hop.relay
+        try:
+            response = await conn.smtp.execute_command(b"EHLO", self._helo.encode("ascii"))
+            if response.code == 250:
+                conn.smtp.last_ehlo_response = response  # parses the extensions
+                return
+            if response.code // 100 == 5 and conn.smtp.is_connected:
+                response = await conn.smtp.execute_command(b"HELO", self._helo.encode("ascii"))
+                if response.code == 250:
+                    conn.smtp.last_helo_response = response
+                    return
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            raise TemporaryFailure(
+                f"{BAD_CONNECTION} lost connection with {where} during EHLO: {_reason(exc)}"
+            ) from None
+        raise _reply_error(response.code, response.message, Stage.HELO)
+
+    async def _starttls(self, conn: _Connection) -> bool:
+        """Upgrade the session; True when TLS is on or the server declined (session still usable),
+        False when the handshake failed (the session must be dropped)."""
+        try:
+            await conn.smtp.starttls(tls_context=self._tls, server_hostname=conn.hop.host)
+        except aiosmtplib.SMTPResponseException as exc:
+            # The server refused STARTTLS with a reply: carry on in plaintext on this session.
+            log.info("%s refused STARTTLS (%s %s); continuing without TLS", conn.hop.relay, exc.code, exc.message)
+            return conn.smtp.is_connected
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            log.info("TLS handshake with %s failed (%s); retrying in plaintext", conn.hop.relay, _reason(exc))
+            return False
+        conn.tls = True
+        # RFC 3207 section 4.2: forget what was learnt before TLS and say EHLO again.
+        await self._hello(conn)
+        return True
+
+    # ------------------------------------------------------------ transaction
+
+    async def _transact(self, conn: _Connection, tx: Transaction, on_delivered: OnDelivered) -> dict[str, RcptResult]:
+        """MAIL, RCPTs, DATA. Returns a result for every recipient. Recipients refused with
+        "too many recipients" after others were accepted go in the next transaction at once
+        (RFC 5321 section 4.5.3.1.10)."""
+        results: dict[str, RcptResult] = {}
+        required = needs_smtputf8(tx)
+        utf8 = (tx.smtputf8 or required) and conn.smtp.supports_extension("smtputf8")
+        problem = self._check_capabilities(conn, tx, required, utf8)
+        if problem is not None:
+            return {r: self._result(r, conn, Outcome.PERMANENT, problem) for r in tx.rcpts}
+        pending = list(tx.rcpts)
+        stage = Stage.MAIL
+        try:
+            while pending:
+                stage = Stage.MAIL
+                response = await conn.smtp.execute_command(b"MAIL", *self._mail_args(conn, tx, utf8))
+                if response.code != 250:
+                    self._conclude(results, conn, pending, response.code, response.message, Stage.MAIL)
+                    break
+                stage = Stage.RCPT
+                accepted, again = await self._recipients(conn, pending, utf8, results)
+                if not accepted:
+                    break
+                stage = Stage.DATA
+                try:
+                    response = await conn.smtp.data(tx.body)
+                    code, message = response.code, response.message
+                except aiosmtplib.SMTPDataError as exc:
+                    code, message = exc.code, exc.message
+                self._conclude(results, conn, accepted, code, message, Stage.DATA)
+                if classify(code, Stage.DATA) is not Outcome.DELIVERED:
+                    break
+                await on_delivered(accepted)
+                if not again:
+                    break
+                pending = again
+                for rcpt in again:
+                    del results[rcpt]
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            conn.broken = True
+            reply = Reply(0, BAD_CONNECTION, f"lost connection with {conn.hop.relay} during {stage}: {_reason(exc)}")
+            for rcpt in tx.rcpts:
+                results.setdefault(rcpt, self._result(rcpt, conn, Outcome.TEMPORARY, reply))
+        return results
+
+    async def _recipients(
+        self, conn: _Connection, pending: Sequence[str], utf8: bool, results: dict[str, RcptResult]
+    ) -> tuple[list[str], list[str]]:
+        """One RCPT per recipient, each with its own result. Returns the accepted ones and
+        the ones to send again in a new transaction."""
+        accepted: list[str] = []
+        again: list[str] = []
+        for rcpt in pending:
+            address = _address(rcpt, utf8)
+            if address is None:
+                reply = Reply(0, "5.1.3", f"recipient address {rcpt!r} cannot be sent over SMTP here")
+                results[rcpt] = self._result(rcpt, conn, Outcome.PERMANENT, reply)
+                continue
+            response = await conn.smtp.execute_command(b"RCPT", b"TO:<" + address + b">")
+            if response.code in (250, 251):
+                accepted.append(rcpt)
+                continue
+            self._conclude(results, conn, [rcpt], response.code, response.message, Stage.RCPT)
+            if accepted and retry_in_next_transaction(response.code, Stage.RCPT):
+                again.append(rcpt)
+        return accepted, again
+
+    def _conclude(
+        self,
+        results: dict[str, RcptResult],
+        conn: _Connection,
+        rcpts: Sequence[str],
+        code: int,
+        message: str,
+        stage: Stage,
+    ) -> None:
+        reply = parse_reply(code, message)
+        outcome = classify(code, stage)
+        for rcpt in rcpts:
+            results[rcpt] = self._result(rcpt, conn, outcome, reply)
+
+    @staticmethod
+    def _check_capabilities(conn: _Connection, tx: Transaction, required: bool, utf8: bool) -> Reply | None:
+        """Refuse up front what the server said it cannot take."""
+        limit = conn.smtp.esmtp_extensions.get("size", "")
+        if limit.isdigit() and int(limit) > 0 and len(tx.body) > int(limit):
+            # RFC 1870 section 6.1: do not send what exceeds the announced SIZE.
+            return Reply(0, TOO_BIG, f"message size {len(tx.body)} exceeds size limit {limit} of {conn.hop.relay}")
+        if required and not utf8:
+            return Reply(0, NEEDS_SMTPUTF8, f"{conn.hop.relay} does not support SMTPUTF8, which this message needs")
+        if _address(tx.mail_from, utf8) is None:
+            return Reply(0, "5.1.7", f"sender address {tx.mail_from!r} cannot be sent over SMTP")
+        return None
+
+    @staticmethod
+    def _mail_args(conn: _Connection, tx: Transaction, utf8: bool) -> list[bytes]:
+        args = [b"FROM:<" + (_address(tx.mail_from, utf8) or b"") + b">"]
+        if conn.smtp.supports_extension("size"):
+            args.append(f"SIZE={len(tx.body)}".encode())
+        # RFC 6152: declare 8-bit content to servers that take it. A server without
+        # 8BITMIME gets the bytes as they are, as most MTAs do rather than bounce.
+        if tx.eight_bit and conn.smtp.supports_extension("8bitmime"):
+            args.append(b"BODY=8BITMIME")
+        if utf8:
+            args.append(b"SMTPUTF8")
+        return args
+
+
+class _HopsFailed(Exception):
+    """Internal: every hop failed; carries the error to report and the hop that gave it."""
+
+    def __init__(self, hop: Hop, error: DeliveryError) -> None:
+        self.hop = hop
+        self.error = error
+        super().__init__(str(error))
+
+
+def _address(address: str, utf8: bool) -> bytes | None:
+    """The address as it goes between <>, or None when it cannot go (control characters,
+    brackets; non-ASCII without SMTPUTF8)."""
+    if _BAD_ADDRESS.search(address):
+        return None
+    if not address.isascii() and not utf8:
+        return None
+    return address.encode("utf-8")
+
+
+def _reply_error(code: int, message: str, stage: Stage) -> DeliveryError:
+    """A session-level reply (greeting, EHLO) as our error; the hop is reported beside it."""
+    reply = parse_reply(code, message)
+    error = PermanentFailure if classify(code, stage) is Outcome.PERMANENT else TemporaryFailure
+    return error(f"{reply.status} {reply.text}", code=code)
+
+
+def _reason(exc: BaseException) -> str:
+    """A short reason: the socket error's own words ("Connection refused") when there is one."""
+    cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
+    if isinstance(cause, OSError) and cause.errno:
+        # asyncio words its connect errors "Connect call failed (addr)": the errno says more.
+        return os.strerror(cause.errno)
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror
+    text = str(exc).strip()
+    return text or type(exc).__name__

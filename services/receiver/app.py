@@ -1,0 +1,91 @@
+"""Receiver wiring: listen on `[receiver].listen`, one `ReceiverSMTP` per connection.
+
+The runner builds the transport and calls `start()` / `stop()`; everything a
+session needs (handler, connection gate, memory budget, publish threads) is
+built here and passed in, never global.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+from services.receiver.handler import ReceiverHandler
+from services.receiver.limits import ConnectionGate, MemoryBudget
+from services.receiver.smtp import ReceiverSMTP
+from shared import metrics
+from shared.config import Config, HostPort
+from shared.logging import event
+from shared.transport import Transport
+
+log = logging.getLogger(__name__)
+
+# How long stop() waits for sessions to end once told to close.
+STOP_GRACE = 30.0
+
+
+class Receiver:
+    """The SMTP front door: accepts mail and publishes it to the scan queue."""
+
+    def __init__(self, config: Config, transport: Transport) -> None:
+        self._config = config
+        self._transport = transport
+        settings = config.receiver
+        self._gate = ConnectionGate(settings.max_connections, settings.max_connections_per_client)
+        self._budget = MemoryBudget(settings.data_memory_budget, metrics.DATA_INFLIGHT.set)
+        self._sessions: set[ReceiverSMTP] = set()
+        self._server: asyncio.Server | None = None
+        self._executor: ThreadPoolExecutor | None = None
+
+    async def start(self) -> None:
+        """Bind `[receiver].listen` and start accepting connections."""
+        loop = asyncio.get_running_loop()
+        settings = self._config.receiver
+        # publish() blocks (fsync, broker confirm): it runs on these threads, never on the loop.
+        self._executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="receiver-publish")
+        handler = ReceiverHandler(self._config, self._transport, self._executor)
+
+        def session() -> ReceiverSMTP:
+            return ReceiverSMTP(
+                handler, settings=settings, gate=self._gate, budget=self._budget, sessions=self._sessions, loop=loop
+            )
+
+        host, port = settings.listen
+        self._server = await loop.create_server(session, host=host or None, port=port, reuse_address=True)
+        event(log, "receiver listening", address=str(HostPort(host, self.port)))
+
+    async def stop(self) -> None:
+        """Stop listening, close every session, wait for publishes already under way."""
+        if self._server is not None:
+            self._server.close()
+        sessions = list(self._sessions)
+        for s in sessions:
+            s.close()
+        tasks = [t for s in sessions if (t := s.task) is not None and not t.done()]
+        if tasks:
+            await asyncio.wait(tasks, timeout=STOP_GRACE)
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
+        if self._executor is not None:
+            # A publish that was running when its session closed still finishes: it may be durable.
+            await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown, True)
+            self._executor = None
+
+    @property
+    def port(self) -> int:
+        """The port actually bound (`[receiver].listen` may say 0)."""
+        if self._server is None or not self._server.sockets:
+            raise RuntimeError("the receiver is not listening")
+        return int(self._server.sockets[0].getsockname()[1])
+
+    @property
+    def connections(self) -> int:
+        """Connections open now (refused ones are not counted)."""
+        return self._gate.open
+
+    @property
+    def data_inflight(self) -> int:
+        """DATA bytes all sessions hold in memory now (see `[receiver].data_memory_budget`)."""
+        return self._budget.in_use

@@ -1,0 +1,214 @@
+"""aiosmtpd hooks: translate SMTP commands into policy questions and the accepted
+message into an `Envelope` on the scan queue.
+
+Each hook asks `policy` and turns its Decision into a reply. `handle_DATA`
+builds the envelope and the trace header, then publishes to `Queue.SCAN` in a
+worker thread (publish fsyncs or waits for a broker confirm: it must not block
+the event loop) and answers 250 only after publish returned (DESIGN.md: never
+250 before durable). Whatever goes wrong there is logged and answered 451, so
+the client keeps the message and retries.
+
+Logging: one canonical line per accepted or refused message and per refused
+recipient, never a body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import hashlib
+import logging
+import time
+from concurrent.futures import Executor
+from datetime import UTC, datetime, timedelta
+
+from aiosmtpd.smtp import Session
+
+from services.receiver import policy
+from services.receiver.smtp import ReceiverSMTP, Transaction
+from services.receiver.trace import protocol, received_header
+from shared import metrics
+from shared.config import Config
+from shared.envelope import Client, Direction, Envelope, new_queue_id
+from shared.logging import bound, event
+from shared.transport import Queue, Transport
+
+log = logging.getLogger(__name__)
+
+
+def authenticated_user(session: Session) -> str:
+    """The AUTH identity of the session (RFC 4954), "" when none.
+
+    The receiver offers no AUTH yet, so this is always "". Once it does, the
+    identity goes here: it lands in `Client.authenticated` and makes the
+    client a relay client (may send to any destination), like relay networks.
+    """
+    return ""
+
+
+class ReceiverHandler:
+    """The hooks aiosmtpd calls, one instance shared by all sessions of a Receiver."""
+
+    def __init__(self, config: Config, transport: Transport, executor: Executor) -> None:
+        self._config = config
+        self._settings = config.receiver
+        self._transport = transport
+        self._executor = executor
+        self._outage = False  # publish is failing: log the outage once, not once per message
+
+    def client(self, server: ReceiverSMTP, session: Session) -> Client:
+        user = authenticated_user(session)
+        relay = policy.is_relay_client(server.client_ip, self._settings.relay_networks) or bool(user)
+        return Client(
+            ip=server.client_ip,
+            helo=session.host_name or "",
+            tls=session.ssl is not None,
+            authenticated=user,
+            relay=relay,
+        )
+
+    # ------------------------------------------------------------ hooks
+
+    async def handle_EHLO(
+        self, server: ReceiverSMTP, session: Session, envelope: Transaction, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname
+        # aiosmtpd lists SIZE (RFC 1870), 8BITMIME (RFC 6152) and SMTPUTF8 (RFC 6531); it
+        # handles pipelined commands but does not say so (RFC 2920), nor that every reply
+        # carries an enhanced status code (RFC 2034).
+        return [*responses[:-1], "250-PIPELINING", "250-ENHANCEDSTATUSCODES", responses[-1]]
+
+    async def handle_MAIL(
+        self, server: ReceiverSMTP, session: Session, envelope: Transaction, address: str, mail_options: list[str]
+    ) -> str:
+        busy = self._transport.accepting()
+        if busy:
+            decision = policy.back_pressure(busy)
+            event(log, "sender deferred", reason=decision.reason, detail=busy, dsn=decision.status)
+            return decision.reply()
+        decision = policy.check_sender(address)
+        if not decision.accepted:
+            event(log, "sender refused", sender=address, reason=decision.reason, dsn=decision.status)
+            return decision.reply()
+        # aiosmtpd reads an empty mail_from as "no MAIL yet": keep its "<>" for the null sender.
+        envelope.mail_from = decision.address or "<>"
+        envelope.mail_options.extend(mail_options)
+        return decision.reply()
+
+    async def handle_RCPT(
+        self, server: ReceiverSMTP, session: Session, envelope: Transaction, address: str, rcpt_options: list[str]
+    ) -> str:
+        decision = policy.check_recipient_count(len(envelope.rcpt_tos), self._settings.max_recipients)
+        if decision is None:
+            decision = policy.check_recipient(
+                address,
+                relay=self.client(server, session).relay,
+                internal_domains=self._settings.internal_domains,
+            )
+        if not decision.accepted:
+            metrics.RECIPIENTS_REFUSED.labels(reason=decision.reason).inc()
+            event(log, "recipient refused", to=address, reason=decision.reason, dsn=decision.status)
+            return decision.reply()
+        if decision.address not in envelope.rcpt_tos:  # the same recipient twice gets one copy
+            envelope.rcpt_tos.append(decision.address)
+            envelope.rcpt_options.extend(rcpt_options)
+        return decision.reply()
+
+    async def handle_DATA(self, server: ReceiverSMTP, session: Session, envelope: Transaction) -> str:
+        result = envelope.data
+        assert result is not None, "ReceiverSMTP.smtp_DATA sets the read result"
+        sender = "" if envelope.mail_from == "<>" else str(envelope.mail_from)
+        refusal = policy.check_data(result.problem)
+        if refusal is not None:
+            self._refused(refusal, sender, len(envelope.rcpt_tos), result.size)
+            return refusal.reply()
+
+        started = time.monotonic()
+        queue_id = new_queue_id()
+        received_at = datetime.now(UTC)
+        client = self.client(server, session)
+        with bound(queue_id=queue_id):
+            body = (
+                received_header(
+                    helo=client.helo,
+                    ip=client.ip,
+                    hostname=self._settings.hostname,
+                    queue_id=queue_id,
+                    with_protocol=protocol(
+                        esmtp=bool(session.extended_smtp),
+                        tls=client.tls,
+                        authenticated=bool(client.authenticated),
+                        smtputf8=bool(envelope.smtp_utf8),
+                    ),
+                    recipients=envelope.rcpt_tos,
+                    received_at=received_at,
+                )
+                + result.content
+            )
+            message = Envelope(
+                queue_id=queue_id,
+                received_at=received_at,
+                client=client,
+                mail_from=sender,
+                rcpt_to=tuple(envelope.rcpt_tos),
+                size=len(body),
+                sha256=hashlib.sha256(body).hexdigest(),
+                direction=Direction.OUTGOING if client.relay else Direction.INCOMING,
+                smtputf8=bool(envelope.smtp_utf8),
+                eight_bit="BODY=8BITMIME" in envelope.mail_options,
+                expires_at=received_at + timedelta(seconds=self._config.delivery.max_queue_lifetime),
+            )
+            try:
+                await self._publish(message, body)
+            except Exception as exc:
+                if not self._outage:
+                    self._outage = True
+                    log.exception("cannot queue messages, answering 451 until this works again: %s", exc)
+                self._refused(policy.TRANSPORT_FAILED, sender, len(message.rcpt_to), message.size, str(exc))
+                return policy.TRANSPORT_FAILED.reply()
+            if self._outage:
+                self._outage = False
+                log.warning("queueing messages works again")
+            accepted = policy.accepted_reply(queue_id)
+            metrics.ACCEPT_SECONDS.observe(time.monotonic() - started)
+            metrics.MESSAGES_RECEIVED.labels(result="accepted", reason=accepted.reason).inc()
+            event(
+                log,
+                "message accepted",
+                sender=f"<{sender}>",
+                nrcpt=len(message.rcpt_to),
+                size=message.size,
+                direction=str(message.direction),
+                helo=client.helo,
+                dsn=accepted.status,
+                status="queued",
+            )
+            return accepted.reply()
+
+    async def handle_exception(self, error: Exception) -> str:
+        """aiosmtpd's contract: anything unexpected in a hook becomes a reply (STYLE.md §7)."""
+        log.error("SMTP session error", exc_info=error)
+        return policy.TRANSPORT_FAILED.reply()
+
+    # ------------------------------------------------------------ helpers
+
+    async def _publish(self, message: Envelope, body: bytes) -> None:
+        """`transport.publish` to the scan queue on a worker thread, with this task's log context."""
+        loop = asyncio.get_running_loop()
+        context = contextvars.copy_context()
+        await loop.run_in_executor(self._executor, context.run, self._transport.publish, Queue.SCAN, message, body)
+
+    def _refused(self, decision: policy.Decision, sender: str, nrcpt: int, size: int, error: str = "") -> None:
+        metrics.MESSAGES_RECEIVED.labels(result="refused", reason=decision.reason).inc()
+        fields = {"error": error} if error else {}
+        event(
+            log,
+            "message refused",
+            level=logging.WARNING if decision.code < 500 else logging.INFO,
+            sender=f"<{sender}>",
+            nrcpt=nrcpt,
+            size=size,
+            reason=decision.reason,
+            dsn=decision.status,
+            **fields,
+        )

@@ -1,0 +1,197 @@
+"""The clamd adapter: INSTREAM, PING, VERSION and RELOAD over TCP or a Unix socket.
+
+The only module of the scanner that touches a socket. It speaks clamd's
+null-terminated command protocol (clamd(8), "zCOMMAND\\0"), streams data as
+INSTREAM chunks of 64 KiB each prefixed by its length in 4 bytes, network
+order, and ends with a zero-length chunk. Every call has a deadline
+(`timeout`, covering connect, send and reply), connecting is retried a few
+times (tenacity, short and in-process: STYLE §4), and every failure leaves as
+one of ours:
+
+    ScannerUnavailable   cannot connect, timed out, connection closed, no reply
+    ScanLimitExceeded    "INSTREAM size limit exceeded. ERROR" (StreamMaxLength)
+    ScanError            any other ERROR reply, or a reply we cannot parse
+
+Each call opens its own connection. clamd's IDSESSION could reuse one, but
+its replies are multiplexed by id, the session dies on IdleTimeout and on
+errors, and a broken session would have to be detected and replayed; a
+loopback or Unix connection per scan costs well under a millisecond. The
+client holds no connection state, so worker threads share one instance.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+from urllib.parse import urlsplit
+
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+from services.scanner.reply import ScanResult, ScanStatus, is_size_limit, parse_reply
+from shared.errors import ScanError, ScanLimitExceeded, ScannerUnavailable
+from shared.metrics import CLAMD_ERRORS, CLAMD_SECONDS
+
+CHUNK_SIZE = 64 * 1024
+# A reply is one short line; anything longer is not clamd talking.
+MAX_REPLY = 64 * 1024
+CONNECT_ATTEMPTS = 3
+
+
+class ClamdClient:
+    """One clamd, addressed as "tcp://host:port" or "unix:///path/to/clamd.sock"."""
+
+    def __init__(
+        self, address: str, timeout: float, *, connect_attempts: int = CONNECT_ATTEMPTS, connect_wait: float = 0.1
+    ) -> None:
+        url = urlsplit(address)
+        self.address = address
+        self._timeout = timeout
+        self._connect_attempts = connect_attempts
+        self._connect_wait = connect_wait
+        self._family: socket.AddressFamily
+        self._target: str | tuple[str, int]
+        if url.scheme == "tcp" and url.hostname and url.port:
+            self._family = socket.AF_INET6 if ":" in url.hostname else socket.AF_INET
+            self._target = (url.hostname, url.port)
+        elif url.scheme == "unix" and url.path:
+            self._family = socket.AF_UNIX
+            self._target = url.path
+        else:
+            raise ValueError(f"{address!r} is not 'tcp://host:port' or 'unix:///path/to/clamd.sock'")
+
+    def __repr__(self) -> str:
+        return f"ClamdClient({self.address!r}, timeout={self._timeout})"
+
+    # ---------------------------------------------------------------- commands
+
+    def scan(self, data: bytes) -> ScanResult:
+        """Scan `data` with INSTREAM. Returns an OK or FOUND result; raises ScanError otherwise."""
+        started = time.monotonic()
+        try:
+            result = parse_reply(self._exchange(b"INSTREAM", data))
+        except ScannerUnavailable:
+            CLAMD_ERRORS.labels("unavailable").inc()
+            raise
+        except ScanError:
+            CLAMD_ERRORS.labels("protocol").inc()
+            raise
+        finally:
+            CLAMD_SECONDS.observe(time.monotonic() - started)
+        if result.status is ScanStatus.ERROR:
+            if is_size_limit(result):
+                CLAMD_ERRORS.labels("limit").inc()
+                raise ScanLimitExceeded(f"clamd at {self.address} refused the stream: {result.text}")
+            CLAMD_ERRORS.labels("error").inc()
+            raise ScanError(f"clamd at {self.address} answered {result.text!r}")
+        return result
+
+    def ping(self) -> bool:
+        """True when clamd answers PING with PONG; never raises."""
+        try:
+            return self._exchange(b"PING").rstrip(b"\0\n") == b"PONG"
+        except ScanError:
+            return False
+
+    def version(self) -> str:
+        """clamd's "ClamAV <engine>/<database version>/<database date>" line."""
+        reply = self._exchange(b"VERSION").rstrip(b"\0\n").decode("utf-8", "replace")
+        if not reply.startswith("ClamAV "):
+            raise ScanError(f"clamd at {self.address} answered VERSION with {reply!r}")
+        return reply
+
+    def reload(self) -> None:
+        """Ask clamd to reload its signature databases (it answers before it is done)."""
+        reply = self._exchange(b"RELOAD").rstrip(b"\0\n")
+        if reply != b"RELOADING":
+            raise ScanError(f"clamd at {self.address} answered RELOAD with {reply!r}")
+
+    # ---------------------------------------------------------------- protocol
+
+    def _exchange(self, command: bytes, stream: bytes | None = None) -> bytes:
+        """Send one z-command (and INSTREAM data), return the reply including its terminator."""
+        deadline = time.monotonic() + self._timeout
+        sock = self._connect(deadline)
+        with sock:
+            try:
+                _set_timeout(sock, deadline)
+                sock.sendall(b"z" + command + b"\0")
+                if stream is not None:
+                    self._send_stream(sock, stream, deadline)
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                # clamd closes the connection early when it refuses the stream (StreamMaxLength);
+                # the reason is in the reply it sent before closing, if it still reached us.
+                try:
+                    return self._receive(sock, deadline)
+                except ScannerUnavailable:
+                    raise ScannerUnavailable(f"clamd at {self.address} closed the connection: {exc}") from None
+            except TimeoutError:
+                raise ScannerUnavailable(f"clamd at {self.address}: no progress within {self._timeout:g}s") from None
+            except OSError as exc:
+                raise ScannerUnavailable(f"clamd at {self.address}: {exc}") from None
+            return self._receive(sock, deadline)
+
+    def _send_stream(self, sock: socket.socket, data: bytes, deadline: float) -> None:
+        view = memoryview(data)
+        for offset in range(0, len(view), CHUNK_SIZE):
+            chunk = view[offset : offset + CHUNK_SIZE]
+            _set_timeout(sock, deadline)
+            sock.sendall(struct.pack("!L", len(chunk)) + chunk)
+        _set_timeout(sock, deadline)
+        sock.sendall(struct.pack("!L", 0))
+
+    def _receive(self, sock: socket.socket, deadline: float) -> bytes:
+        reply = bytearray()
+        while b"\0" not in reply:
+            try:
+                _set_timeout(sock, deadline)
+                data = sock.recv(4096)
+            except TimeoutError:
+                raise ScannerUnavailable(f"clamd at {self.address} did not answer within {self._timeout:g}s") from None
+            except OSError as exc:
+                raise ScannerUnavailable(f"clamd at {self.address}: {exc}") from None
+            if not data:
+                if reply:
+                    # Without its terminator a reply may be cut short: "stream: OK" could be half of anything.
+                    raise ScanError(f"clamd at {self.address} sent an unterminated reply {bytes(reply[:200])!r}")
+                raise ScannerUnavailable(f"clamd at {self.address} closed the connection without a reply")
+            reply += data
+            if len(reply) > MAX_REPLY:
+                raise ScanError(f"clamd at {self.address} sent more than {MAX_REPLY} bytes of reply")
+        return bytes(reply[: reply.index(b"\0") + 1])
+
+    def _connect(self, deadline: float) -> socket.socket:
+        def attempt() -> socket.socket:
+            sock = socket.socket(self._family, socket.SOCK_STREAM)
+            try:
+                _set_timeout(sock, deadline)
+                sock.connect(self._target)
+            except BaseException:
+                sock.close()
+                raise
+            return sock
+
+        try:
+            for retry in Retrying(
+                stop=stop_after_attempt(self._connect_attempts),
+                wait=wait_exponential(multiplier=self._connect_wait, max=1.0),
+                retry=retry_if_exception_type(OSError),
+                reraise=True,
+            ):
+                with retry:
+                    return attempt()
+        except ScannerUnavailable:
+            raise
+        except OSError as exc:
+            raise ScannerUnavailable(f"cannot connect to clamd at {self.address}: {exc}") from None
+        raise AssertionError("unreachable: tenacity either returns or reraises")  # pragma: no cover
+
+
+def _set_timeout(sock: socket.socket, deadline: float) -> None:
+    """Per-operation timeout = what is left of the call's deadline, so a server that
+    trickles bytes cannot stretch one call past `timeout`."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        # Not an OSError on purpose: tenacity must not retry a call whose time is up.
+        raise ScannerUnavailable("clamd call deadline passed")
+    sock.settimeout(left)

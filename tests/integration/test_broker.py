@@ -1,0 +1,362 @@
+"""What only the RabbitMQ transport has: a broker that can be unreachable or
+drop connections, consumers in other processes that die mid-job, work spread
+over processes, back-pressure from the scan queue, and event broadcasts.
+The contract both transports share is in test_transport_contract.py."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import select
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pika
+import pika.exceptions
+import pytest
+
+from shared.broker import BrokerTransport, Names, delay_bucket, queue_arguments
+from shared.config import BrokerConfig
+from shared.errors import BrokerError, RetryLater
+from shared.transport import MAX_CRASHES, Job, Output, Queue
+from tests.integration.test_transport_contract import Sink, delete_namespace, make_envelope
+from tests.support import free_port, wait_until
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+
+Factory = Callable[..., BrokerTransport]
+
+
+@pytest.fixture
+def broker(rabbitmq_url: str) -> Iterator[Factory]:
+    """Makes BrokerTransports on one fresh namespace (processes of one gateway); cleans up after."""
+    config = BrokerConfig(url=rabbitmq_url, namespace=f"test-{uuid.uuid4().hex[:12]}", confirm_timeout=5.0)
+    made: list[BrokerTransport] = []
+
+    def make(name: str = "", **changes: object) -> BrokerTransport:
+        made.append(
+            BrokerTransport(dataclasses.replace(config, **changes), retry_interval=0.5, crash_delay=0.05, name=name)
+        )
+        return made[-1]
+
+    make.config = config  # type: ignore[attr-defined]
+    yield make
+    for transport in made:
+        transport.stop(5)
+    delete_namespace(config, made)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- pure parts
+
+
+@pytest.mark.parametrize(
+    ("seconds", "ms"),
+    [(0, 1), (0.0004, 1), (0.05, 50), (0.099, 99), (0.1, 100), (0.6, 600), (1.234, 1300), (30, 30000),
+     (45.5, 46000), (1800, 1800000), (86400, 87000000)],
+)  # fmt: skip
+def test_delay_bucket_rounds_up_to_two_significant_digits(seconds: float, ms: int) -> None:
+    assert delay_bucket(seconds) == ms
+
+
+def test_deferred_queue_dead_letters_into_deliver_after_the_retry_interval() -> None:
+    names = Names("gw")
+    args = queue_arguments(names, Queue.DEFERRED, retry_interval=1800, delivery_limit=5)
+    assert args["x-queue-type"] == "quorum"
+    assert (args["x-message-ttl"], args["x-dead-letter-exchange"]) == (1800_000, "")
+    assert args["x-dead-letter-routing-key"] == "gw.deliver"
+    assert args["x-dead-letter-strategy"] == "at-least-once"
+    work = queue_arguments(names, Queue.SCAN, retry_interval=1800, delivery_limit=5)
+    assert (work["x-delivery-limit"], work["x-dead-letter-routing-key"]) == (5, "gw.dead")
+    assert queue_arguments(names, Queue.DEAD, retry_interval=1800, delivery_limit=5) == {"x-queue-type": "quorum"}
+
+
+# ---------------------------------------------------------------- an unreachable or flaky broker
+
+
+def test_publish_to_an_unreachable_broker_raises_quickly() -> None:
+    config = BrokerConfig(
+        url=f"amqp://guest:guest@127.0.0.1:{free_port()}/%2F", namespace="unreachable", confirm_timeout=1.0
+    )
+    transport = BrokerTransport(config, retry_interval=1)
+    try:
+        started = time.monotonic()
+        with pytest.raises(BrokerError, match="unavailable"):
+            transport.publish(Queue.SCAN, make_envelope(), b"x")
+        assert time.monotonic() - started < 3
+        reason = transport.accepting()
+        assert reason is not None
+        assert reason.startswith("broker unreachable")
+        with pytest.raises(BrokerError):
+            transport.depth(Queue.SCAN)
+    finally:
+        transport.stop(1)
+
+
+def _close_connections(label: str) -> int:
+    """Have the broker close every connection of one transport (as a broker restart would)."""
+    listing = subprocess.run(
+        ["rabbitmqctl", "-q", "list_connections", "pid", "client_properties"],
+        capture_output=True, text=True, check=True, timeout=30,
+    ).stdout  # fmt: skip
+    pids = [line.split("\t")[0] for line in listing.splitlines() if f'"smtpgw {label} ' in line]
+    for pid in pids:
+        subprocess.run(
+            ["rabbitmqctl", "-q", "close_connection", pid, "test"], capture_output=True, check=True, timeout=30
+        )
+    return len(pids)
+
+
+@pytest.mark.slow
+def test_publisher_and_consumer_reconnect_after_the_broker_closed_them(broker: Factory) -> None:
+    label = f"flaky-{uuid.uuid4().hex[:6]}"
+    transport = broker(label)
+    sink = Sink()
+    transport.consume(Queue.SCAN, sink, 1)
+    transport.start()
+    transport.publish(Queue.SCAN, make_envelope(), b"before")
+    sink.wait_for(1)
+    assert transport.wait_idle(10)
+
+    assert _close_connections(label) >= 2  # the consumer and at least one publisher
+    # The next publish finds its connection closed and reconnects within the same call.
+    transport.publish(Queue.SCAN, make_envelope(), b"after")
+    (_, job) = sink.wait_for(2)
+    assert job.body == b"after"
+    assert transport.accepting() is None
+
+
+class FreezableProxy:
+    """A TCP proxy in front of the broker that can stop passing bytes: a broker (or network)
+    that hangs without closing anything, which only a timeout can detect."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.frozen = threading.Event()
+        self.closed = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.sockets: list[socket.socket] = [self.listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.closed.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.upstream)
+            self.sockets += [client, server]
+            threading.Thread(target=self._pipe, args=(client, server), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+        while not self.closed.is_set():
+            if self.frozen.is_set() or not select.select([src], [], [], 0.05)[0]:
+                self.closed.wait(0.01)
+                continue
+            try:
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+            except OSError:
+                break
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self.closed.set()
+        for sock in self.sockets:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+
+def test_publish_without_a_confirm_in_time_raises_and_later_publishes_work(broker: Factory) -> None:
+    proxy = FreezableProxy(("127.0.0.1", 5672))
+    try:
+        url = f"amqp://guest:guest@127.0.0.1:{proxy.port}/%2F"
+        transport = broker("frozen", url=url, confirm_timeout=1.0)
+        transport.publish(Queue.SCAN, make_envelope(), b"confirmed")
+
+        proxy.frozen.set()
+        started = time.monotonic()
+        with pytest.raises(BrokerError, match="no answer from the broker within 1s"):
+            transport.publish(Queue.SCAN, make_envelope(), b"never confirmed")
+        assert time.monotonic() - started < 1.5  # the caller is never held longer than confirm_timeout
+        assert wait_until(lambda: transport.accepting() is not None, timeout=5)
+
+        proxy.frozen.clear()
+        transport.publish(Queue.SCAN, make_envelope(), b"confirmed again")
+        # The timed-out publish may still have been stored once the bytes flowed again: the sender
+        # got a 451 and retries, so at worst it is a duplicate, never a loss.
+        assert transport.depth(Queue.SCAN) in (2, 3)
+        assert wait_until(lambda: transport.accepting() is None, timeout=5)
+    finally:
+        proxy.close()
+
+
+# ---------------------------------------------------------------- consumers in other processes
+
+CHILD = """
+import os, sys, threading
+from shared.broker import BrokerTransport
+from shared.config import BrokerConfig
+from shared.transport import Queue
+
+def handler(job):
+    print("working", job.envelope.queue_id, job.redeliveries, flush=True)
+    os._exit(17)  # dies mid-job: no ack, no outputs
+
+config = BrokerConfig(url=sys.argv[1], namespace=sys.argv[2], confirm_timeout=5.0)
+transport = BrokerTransport(config, retry_interval=0.5, name="child")
+transport.consume(Queue.SCAN, handler, 1)
+transport.start()
+threading.Event().wait(20)
+"""
+
+
+def _run_dying_consumer(config: BrokerConfig) -> str:
+    child = subprocess.run(
+        [sys.executable, "-c", CHILD, config.url, config.namespace],
+        cwd=ROOT, capture_output=True, text=True, timeout=40,
+    )  # fmt: skip
+    assert child.returncode == 17, child.stderr
+    return child.stdout.strip()
+
+
+def test_message_of_a_consumer_killed_mid_job_goes_to_another_consumer(broker: Factory) -> None:
+    transport = broker("survivor")
+    envelope = make_envelope(b"survives")
+    transport.publish(Queue.SCAN, envelope, b"survives")
+    assert _run_dying_consumer(broker.config) == f"working {envelope.queue_id} 0"  # type: ignore[attr-defined]
+
+    sink = Sink()
+    transport.consume(Queue.SCAN, sink, 1)
+    transport.start()
+    (job,) = sink.wait_for(1)
+    assert (job.envelope, job.body, job.redeliveries) == (envelope, b"survives", 1)
+    assert transport.wait_idle(10)
+
+
+def test_message_that_keeps_killing_its_consumer_ends_in_dead(broker: Factory) -> None:
+    transport = broker("survivor")
+    envelope = make_envelope(b"killer")
+    transport.publish(Queue.SCAN, envelope, b"killer")
+    for crash in range(MAX_CRASHES):
+        assert _run_dying_consumer(broker.config) == f"working {envelope.queue_id} {crash}"  # type: ignore[attr-defined]
+
+    sink = Sink()
+    transport.consume(Queue.SCAN, sink, 1)
+    transport.start()
+    assert wait_until(lambda: transport.depth(Queue.DEAD) == 1, timeout=20)
+    assert transport.wait_idle(10)
+    assert sink.jobs == []  # moved to dead without running the handler a fourth time
+    (dead,) = [env for _, env in transport.list(Queue.DEAD)]
+    assert dead == envelope.replace(last_error=dead.last_error)
+    assert dead.last_error == f"scan: interrupted {MAX_CRASHES} times (consumer died or lost its broker connection)"
+
+
+def test_work_spreads_over_processes(broker: Factory) -> None:
+    both = threading.Barrier(2, timeout=15)
+    workers: dict[str, str] = {}
+
+    def handler_of(name: str) -> Callable[[Job], list[Output]]:
+        def handle(job: Job) -> list[Output]:
+            workers[job.envelope.queue_id] = name
+            both.wait()  # passes only if both processes hold a job at the same time
+            return []
+
+        return handle
+
+    first, second = broker("first"), broker("second")
+    first.consume(Queue.SCAN, handler_of("first"), 1)
+    second.consume(Queue.SCAN, handler_of("second"), 1)
+    first.start()
+    second.start()
+    for _ in range(2):
+        first.publish(Queue.SCAN, make_envelope(), b"x")
+    assert first.wait_idle(20)
+    assert second.wait_idle(20)
+    assert sorted(workers.values()) == ["first", "second"]
+
+
+# ---------------------------------------------------------------- back-pressure, events
+
+
+def test_accepting_reports_a_scan_queue_over_its_bound(broker: Factory) -> None:
+    transport = broker(max_scan_queue=2)
+    assert transport.accepting() is None
+    for _ in range(3):
+        transport.publish(Queue.SCAN, make_envelope(), b"x")
+    assert wait_until(lambda: transport.accepting() is not None, timeout=10)
+    assert transport.accepting() == "scan queue holds 3 messages (limit 2)"
+
+    scanner = broker()
+    scanner.consume(Queue.SCAN, Sink(), 2)
+    scanner.start()
+    assert scanner.wait_idle(20)
+    assert wait_until(lambda: transport.accepting() is None, timeout=10)
+
+
+def test_events_reach_every_subscribed_process(broker: Factory) -> None:
+    received: dict[str, list[tuple[str, dict[str, object]]]] = {"scanner1": [], "scanner2": []}
+    arrived = threading.Condition()
+    processes = []
+    for name in received:
+        transport = broker(name)
+
+        def record(event: str, data: object, name: str = name) -> None:
+            with arrived:
+                received[name].append((event, dict(data)))  # type: ignore[call-overload]
+                arrived.notify_all()
+
+        transport.subscribe_events(record)
+        transport.start()
+        assert transport.wait_idle(10)  # idle includes "subscribed"
+        processes.append(transport)
+
+    updater = broker("updater")
+    updater.publish_event("rules-updated", {"version": "2024-06-01.1"})
+    with arrived:
+        assert arrived.wait_for(lambda: all(received.values()), timeout=10)
+    assert received == {name: [("rules-updated", {"version": "2024-06-01.1"})] for name in received}
+
+
+def test_delete_topology_removes_every_queue_and_exchange_of_the_namespace(broker: Factory) -> None:
+    transport = broker("doomed")
+    calls: list[int] = []
+
+    def scan(job: Job) -> list[Output]:
+        calls.append(job.redeliveries)
+        if len(calls) == 1:
+            raise RetryLater("later", delay=0.2)  # declares the 200 ms delay queue
+        return []
+
+    transport.consume(Queue.SCAN, scan, 1)
+    transport.start()
+    transport.publish(Queue.SCAN, make_envelope(), b"x")
+    assert wait_until(lambda: len(calls) == 2, timeout=10)
+    assert transport.declared_delay_queues == {f"{transport.names.namespace}.delay.200"}
+    transport.stop(5)
+
+    cleaner = broker("cleaner")
+    cleaner.delete_topology(transport.declared_delay_queues)
+    names = transport.names
+    connection = pika.BlockingConnection(pika.URLParameters(broker.config.url))  # type: ignore[attr-defined]
+    try:
+        for queue in [names.queue(q) for q in Queue] + [names.delay_queue(200)]:
+            with pytest.raises(pika.exceptions.ChannelClosedByBroker, match="NOT_FOUND"):
+                connection.channel().queue_declare(queue, passive=True)
+        for exchange in (names.delay_exchange, names.events_exchange):
+            with pytest.raises(pika.exceptions.ChannelClosedByBroker, match="NOT_FOUND"):
+                connection.channel().exchange_declare(exchange, passive=True)
+    finally:
+        connection.close()
