@@ -13,6 +13,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
 
+from shared.errors import GatewayError
+
 # Latency buckets from 1 ms to 2 minutes: SMTP answers, scans and deliveries all fit.
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -63,7 +65,10 @@ class QueueDepthCollector(Collector):
     def collect(self) -> Iterable[GaugeMetricFamily]:
         family = GaugeMetricFamily("smtpgw_queue_depth", "Messages waiting per queue", labels=["queue"])
         for q in self._queues:
-            family.add_metric([q], self._depth(q))
+            try:
+                family.add_metric([q], self._depth(q))
+            except GatewayError:
+                continue  # broker unreachable: leave the series out rather than fail the whole scrape
         yield family
 
 

@@ -28,7 +28,7 @@ import queue as queuelib
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from shared.envelope import Envelope, decode, encode
@@ -311,7 +311,10 @@ class SpoolTransport(Transport):
             return
         job = Job(q, envelope, body, self._crashes.get(name, 0))
         try:
-            outputs = consumer.handler(job)
+            outputs = list(consumer.handler(job))
+            # At most one output continues this queue id (it becomes generation gen+1).
+            if sum(o.envelope.queue_id == envelope.queue_id for o in outputs) > 1:
+                raise RuntimeError(f"handler for {q} returned two outputs with queue id {envelope.queue_id}")
         except RetryLater as exc:
             JOBS.labels(q.value, "retry").inc()
             log.info("queue_id=%s retry in %.0fs: %s", envelope.queue_id, exc.delay, exc.reason)
@@ -340,11 +343,9 @@ class SpoolTransport(Transport):
         with self._cond:
             consumer.known.discard(name)
 
-    def commit(self, queue: Queue, name: str, envelope: Envelope, body: bytes, outputs: list[Output]) -> None:
+    def commit(self, queue: Queue, name: str, envelope: Envelope, body: bytes, outputs: Sequence[Output]) -> None:
         """Store every output durably, then remove the job's file: the one place a job ends."""
         _, gen = _split(name)
-        # At most one output continues this queue id (it becomes generation gen+1).
-        assert sum(o.envelope.queue_id == envelope.queue_id for o in outputs) <= 1, "two continuations"
         touched: set[Queue] = set()
         announced: list[tuple[Queue, str, Envelope]] = []
         moved = False

@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import abc
 import enum
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from shared.envelope import Envelope
 
@@ -70,6 +70,7 @@ class Output:
 
 
 Handler = Callable[[Job], Sequence[Output]]
+EventCallback = Callable[[str, Mapping[str, Any]], None]
 
 
 class Transport(abc.ABC):
@@ -103,6 +104,22 @@ class Transport(abc.ABC):
     def accepting(self) -> str | None:
         """None when new mail may be accepted, else why not (back-pressure, broker down)."""
         return None
+
+    # Events ("rules updated") reach every subscriber of every process sharing the transport.
+    # On one machine (the spool) that is this process; the broker overrides both with a fanout exchange.
+
+    def publish_event(self, name: str, data: Mapping[str, object] | None = None) -> None:
+        for callback in list(self._local_subscribers()):
+            callback(name, dict(data or {}))
+
+    def subscribe_events(self, callback: EventCallback) -> None:
+        self._local_subscribers().append(callback)
+
+    def _local_subscribers(self) -> list[EventCallback]:
+        subscribers: list[EventCallback] | None = self.__dict__.get("_event_subscribers")
+        if subscribers is None:
+            subscribers = self.__dict__["_event_subscribers"] = []
+        return subscribers
 
 
 def open_transport(config: Config) -> Transport:

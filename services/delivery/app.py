@@ -132,7 +132,7 @@ class Delivery:
         with bound(queue_id=env.queue_id):
             self._maybe_purge()
             todo: list[str] = []
-            for rcpt in env.rcpt_to:
+            for rcpt in dict.fromkeys(env.rcpt_to):  # each recipient once, in order
                 if self._ledger.was_delivered(env.queue_id, rcpt):
                     # Delivered before a crash or a redelivery: sending again would duplicate it.
                     DELIVERY_ATTEMPTS.labels(result="duplicate").inc()

@@ -157,10 +157,6 @@ class SmtpClient:
         self._idle.clear()
         await asyncio.gather(*(self._quit(c) for c in idle))
 
-    def idle_connections(self, key: str) -> int:
-        """How many connections to `key` wait in the pool (for tests and metrics)."""
-        return len(self._idle.get(key, ()))
-
     # ------------------------------------------------------------ results
 
     def _fail_all(self, rcpts: Sequence[str], error: DeliveryError, hop: Hop | None) -> list[RcptResult]:
@@ -175,9 +171,9 @@ class SmtpClient:
     # ------------------------------------------------------------ pool
 
     async def _checkout(self, key: str, hops: HopSource) -> _Connection:
-        idle = self._idle.get(key, [])
-        while idle:
-            conn = idle.pop()
+        # Look the pool up again after every await: the reaper may have replaced the list.
+        while pool := self._idle.get(key):
+            conn = pool.pop()
             if self._usable(conn):
                 try:
                     # RSET both clears any state left over and proves the peer still listens.
@@ -186,6 +182,9 @@ class SmtpClient:
                         return conn
                 except (aiosmtplib.SMTPException, OSError):
                     pass
+                except BaseException:
+                    conn.smtp.close()
+                    raise
             await self._quit(conn)
         return await self._connect(await hops())
 
@@ -212,15 +211,17 @@ class SmtpClient:
         """Close connections idle too long, so peers are not left holding them."""
         while any(self._idle.values()):
             await asyncio.sleep(self._idle_time / 2)
+            # Sort the pool without awaiting, so no checkout can interleave; then say goodbye.
+            expired: list[_Connection] = []
             for key, conns in list(self._idle.items()):
                 keep = [c for c in conns if self._usable(c)]
-                for conn in conns:
-                    if conn not in keep:
-                        await self._quit(conn)
+                expired += [c for c in conns if c not in keep]
                 if keep:
                     self._idle[key] = keep
                 else:
                     del self._idle[key]
+            for conn in expired:
+                await self._quit(conn)
 
     async def _quit(self, conn: _Connection) -> None:
         if conn.smtp.is_connected and not conn.broken:

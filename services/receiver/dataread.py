@@ -107,7 +107,7 @@ async def read_data(
     problem: DataProblem | None = None
     try:
         while True:
-            pending = 0
+            pending = _pending(tail)
             if pending:
                 chunk = await reader.readexactly(len(TERMINATOR) - pending)
             else:

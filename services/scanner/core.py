@@ -107,9 +107,11 @@ def scan_message(raw: bytes, config: ScannerConfig, clamd: VirusScanner) -> Outc
     action = decide(verdicts)
     body = raw
     if action is Action.STRIP:
-        body, extra = _strip(ctx, verdicts)
+        stripped, extra = _strip(ctx, verdicts)
         verdicts.extend(extra)
         action = decide(verdicts)
+        if action is Action.STRIP:
+            body = stripped
     if action in (Action.DELIVER, Action.STRIP) and verdicts:
         findings = [(FINDINGS_HEADER, f"{v.category}: {v.action}: {v.reason}") for v in _ordered(verdicts)]
         body = add_headers(body, findings, inspection.linesep)

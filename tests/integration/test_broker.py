@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pika
 import pika.exceptions
@@ -41,7 +42,7 @@ def broker(rabbitmq_url: str) -> Iterator[Factory]:
     config = BrokerConfig(url=rabbitmq_url, namespace=f"test-{uuid.uuid4().hex[:12]}", confirm_timeout=5.0)
     made: list[BrokerTransport] = []
 
-    def make(name: str = "", **changes: object) -> BrokerTransport:
+    def make(name: str = "", **changes: Any) -> BrokerTransport:
         made.append(
             BrokerTransport(dataclasses.replace(config, **changes), retry_interval=0.5, crash_delay=0.05, name=name)
         )
@@ -360,3 +361,24 @@ def test_delete_topology_removes_every_queue_and_exchange_of_the_namespace(broke
                 connection.channel().exchange_declare(exchange, passive=True)
     finally:
         connection.close()
+
+
+def test_undecodable_message_goes_to_dead_untouched(broker: Factory) -> None:
+    transport = broker("garbage")
+    sink = Sink()
+    transport.consume(Queue.SCAN, sink, 1)
+    transport.start()
+    assert transport.wait_idle(10)  # topology declared, consumer running
+    connection = pika.BlockingConnection(pika.URLParameters(broker.config.url))  # type: ignore[attr-defined]
+    try:
+        channel = connection.channel()
+        channel.basic_publish(
+            "", transport.names.queue(Queue.SCAN), b"\x00not a frame", pika.BasicProperties(delivery_mode=2)
+        )
+        assert wait_until(lambda: transport.depth(Queue.DEAD) == 1, timeout=10)
+        _, properties, body = channel.basic_get(transport.names.queue(Queue.DEAD), auto_ack=True)
+    finally:
+        connection.close()
+    assert body == b"\x00not a frame"
+    assert properties.headers["smtpgw-last-error"].startswith("scan: ")
+    assert sink.jobs == []

@@ -145,6 +145,19 @@ def test_connection_is_reused_across_messages(make_delivery: MakeDelivery) -> No
     assert len({m.peer for m in got}) == 1  # one TCP connection (same client port) for all three
 
 
+def test_pooled_connection_closed_by_the_server_is_replaced(make_delivery: MakeDelivery) -> None:
+    port = free_port()
+    d = make_delivery({"example.test": f"smtp://127.0.0.1:{port}"})
+    with capture_server(port=port) as (first, _):
+        assert deliver(d, envelope(("user@example.test",))) == []
+        assert len(first.wait_for(1)) == 1
+    # The server restarted: the pooled connection is dead, and a new one takes over.
+    with capture_server(port=port) as (second, _):
+        assert deliver(d, envelope(("user@example.test",))) == []
+        (got,) = second.wait_for(1)
+    assert got.data == BODY
+
+
 def test_too_many_recipients_go_in_the_next_transaction(make_delivery: MakeDelivery) -> None:
     """RFC 5321 section 4.5.3.1.10: 452 to RCPT after some were accepted means "send the rest
     in another transaction", at once, not after a retry interval."""

@@ -100,8 +100,9 @@ async def feed_and_read(
     for piece in pieces:
         reader.feed_data(piece)
         await asyncio.sleep(0)  # a yield, not a wait: let the reader consume this piece first
-    result = await task
+    # A reader that wanted a byte past the end of data would fail here instead of hanging.
     reader.feed_eof()
+    result = await task
     return result, await reader.read(), chunks
 
 

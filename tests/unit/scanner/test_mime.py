@@ -46,6 +46,7 @@ def test_parts_refs_names_and_strip_targets() -> None:
     assert result.count == 4
     assert not result.problems
     assert not result.failure
+    assert result.message is not None
     assert navigate(result.message, result.parts[2].path).get_filename() == "b.zip"
 
 
