@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from concurrent.futures import ThreadPoolExecutor
 
 from services.receiver.handler import ReceiverHandler
@@ -20,6 +21,9 @@ from shared.logging import event
 from shared.transport import Transport
 
 log = logging.getLogger(__name__)
+
+# Pending connections the kernel queues for us (a burst of clients must not see resets).
+BACKLOG = 511
 
 # How long stop() waits for sessions to end once told to close.
 STOP_GRACE = 30.0
@@ -52,7 +56,15 @@ class Receiver:
             )
 
         host, port = settings.listen
-        self._server = await loop.create_server(session, host=host or None, port=port, reuse_address=True)
+        if host == "::" and socket.has_dualstack_ipv6():
+            # "[::]:25" means every address, IPv4 too, as on most MTAs; asyncio alone would make it
+            # IPv6-only. IPv4 peers then show up as ::ffff:a.b.c.d (the policy normalises them).
+            sock = socket.create_server((host, port), family=socket.AF_INET6, dualstack_ipv6=True, backlog=BACKLOG)
+            self._server = await loop.create_server(session, sock=sock, backlog=BACKLOG)
+        else:
+            self._server = await loop.create_server(
+                session, host=host or None, port=port, reuse_address=True, backlog=BACKLOG
+            )
         event(log, "receiver listening", address=str(HostPort(host, self.port)))
 
     async def stop(self) -> None:

@@ -81,7 +81,8 @@ class ReceiverHandler:
     async def handle_MAIL(
         self, server: ReceiverSMTP, session: Session, envelope: Transaction, address: str, mail_options: list[str]
     ) -> str:
-        busy = self._transport.accepting()
+        # accepting() may ask the broker (and wait for it): never on the event loop.
+        busy = await asyncio.get_running_loop().run_in_executor(self._executor, self._transport.accepting)
         if busy:
             decision = policy.back_pressure(busy)
             event(log, "sender deferred", reason=decision.reason, detail=busy, dsn=decision.status)

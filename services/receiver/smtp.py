@@ -47,6 +47,9 @@ READ_LIMIT = 32 * 1024
 # A reply that already carries an enhanced status code: "250 2.1.0 ..." or "250-2.1.0 ...".
 _ENHANCED = re.compile(r"\d{3}[ -][245]\.\d{1,3}\.\d{1,3}(?: |$)")
 
+# An angle-bracketed address whose domain ends in one dot, and what follows it.
+_TRAILING_DOT = re.compile(r"\s*<([^<>]*[^<>.])\.>(.*)", re.DOTALL)
+
 # RFC 3463 (and the RFC 5248 registry) codes for the replies aiosmtpd writes without one.
 ENHANCED_BY_CODE = {
     211: "2.0.0",
@@ -227,6 +230,17 @@ class ReceiverSMTP(SMTP):
             await super().smtp_HELO(hostname)
         finally:
             self._plain_replies = False
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        # `<user@example.test.>`: RFC 5321 domains have no trailing dot, but DNS names may, and
+        # we tolerate it; aiosmtpd's strict parser would call the address malformed.
+        m = _TRAILING_DOT.match(arg)
+        if m:
+            arg = f"<{m.group(1)}>{m.group(2)}"
+        address: str | None
+        params: str | None
+        address, params = super()._getaddr(arg)
+        return address, params
 
     @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None) -> None:

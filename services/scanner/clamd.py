@@ -114,7 +114,7 @@ class ClamdClient:
         sock = self._connect(deadline)
         with sock:
             try:
-                _set_timeout(sock, deadline)
+                self._set_timeout(sock, deadline)
                 sock.sendall(b"z" + command + b"\0")
                 if stream is not None:
                     self._send_stream(sock, stream, deadline)
@@ -135,16 +135,16 @@ class ClamdClient:
         view = memoryview(data)
         for offset in range(0, len(view), CHUNK_SIZE):
             chunk = view[offset : offset + CHUNK_SIZE]
-            _set_timeout(sock, deadline)
+            self._set_timeout(sock, deadline)
             sock.sendall(struct.pack("!L", len(chunk)) + chunk)
-        _set_timeout(sock, deadline)
+        self._set_timeout(sock, deadline)
         sock.sendall(struct.pack("!L", 0))
 
     def _receive(self, sock: socket.socket, deadline: float) -> bytes:
         reply = bytearray()
         while b"\0" not in reply:
             try:
-                _set_timeout(sock, deadline)
+                self._set_timeout(sock, deadline)
                 data = sock.recv(4096)
             except TimeoutError:
                 raise ScannerUnavailable(f"clamd at {self.address} did not answer within {self._timeout:g}s") from None
@@ -160,11 +160,20 @@ class ClamdClient:
                 raise ScanError(f"clamd at {self.address} sent more than {MAX_REPLY} bytes of reply")
         return bytes(reply[: reply.index(b"\0") + 1])
 
+    def _set_timeout(self, sock: socket.socket, deadline: float) -> None:
+        """Per-operation timeout = what is left of the call's deadline, so a server that
+        trickles bytes cannot stretch one call past `timeout`."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            # Not an OSError on purpose: tenacity must not retry a call whose time is up.
+            raise ScannerUnavailable(f"clamd at {self.address} did not answer within {self._timeout:g}s")
+        sock.settimeout(left)
+
     def _connect(self, deadline: float) -> socket.socket:
         def attempt() -> socket.socket:
             sock = socket.socket(self._family, socket.SOCK_STREAM)
             try:
-                _set_timeout(sock, deadline)
+                self._set_timeout(sock, deadline)
                 sock.connect(self._target)
             except BaseException:
                 sock.close()
@@ -185,13 +194,3 @@ class ClamdClient:
         except OSError as exc:
             raise ScannerUnavailable(f"cannot connect to clamd at {self.address}: {exc}") from None
         raise AssertionError("unreachable: tenacity either returns or reraises")  # pragma: no cover
-
-
-def _set_timeout(sock: socket.socket, deadline: float) -> None:
-    """Per-operation timeout = what is left of the call's deadline, so a server that
-    trickles bytes cannot stretch one call past `timeout`."""
-    left = deadline - time.monotonic()
-    if left <= 0:
-        # Not an OSError on purpose: tenacity must not retry a call whose time is up.
-        raise ScannerUnavailable("clamd call deadline passed")
-    sock.settimeout(left)

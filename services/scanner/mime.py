@@ -214,9 +214,13 @@ class _Walker:
             # it and parse the result. Its parts cannot be edited in place: removing any of
             # them removes the whole attached message.
             text = _source_of(inner, self.linesep)
-            decoded = base64.b64decode(text) if cte == "base64" else quopri.decodestring(text)
-            inner = BytesParser(policy=compat32).parsebytes(decoded)
-            detached = True
+            try:
+                decoded = base64.b64decode(text) if cte == "base64" else quopri.decodestring(text)
+            except (binascii.Error, ValueError):
+                decoded = None  # not decodable after all: walk what the parser made of it
+            if decoded is not None:
+                inner = BytesParser(policy=compat32).parsebytes(decoded)
+                detached = True
         self.walk(inner, (*path, 0), depth + 1, strip_ref, detached)
 
     def _leaf(

@@ -56,7 +56,17 @@ CASES = [
             b"QUIT\r\n",
             DataProblem.BARE_NEWLINE,
         )
-        for fake in (b"\n.\n", b"\r.\r", b"\r\n.\n", b"\n.\r\n", b"\r.\r\n", b"\r\n.\r", b"\n.\r", b"\r.\n", b"\n\n.\n\n")
+        for fake in (
+            b"\n.\n",
+            b"\r.\r",
+            b"\r\n.\n",
+            b"\n.\r\n",
+            b"\r.\r\n",
+            b"\r\n.\r",
+            b"\n.\r",
+            b"\r.\n",
+            b"\n\n.\n\n",
+        )
     ),
     Case("bare LF", b"a\nb\r\n.\r\n", None, b"QUIT\r\n", DataProblem.BARE_NEWLINE),
     Case("bare CR", b"a\rb\r\n.\r\n", None, b"QUIT\r\n", DataProblem.BARE_NEWLINE),

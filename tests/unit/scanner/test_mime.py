@@ -158,6 +158,7 @@ MALFORMED = [
     b"Content-Type: application/x; name*0*=bogus'';\r\nContent-Transfer-Encoding: x-weird\r\n\r\ndata\r\n",
     b"Content-Type: ;;;; boundary==\"\r\nContent-Disposition: attachment; filename*='''%%%\r\n\r\nx\r\n",
     b"Content-Type: message/rfc822\r\nContent-Transfer-Encoding: base64\r\n\r\n!!!\r\n",
+    b"Content-Type: message/rfc822\r\nContent-Transfer-Encoding: base64\r\n\r\nabc\r\n",  # bad padding
     b"Content-Type: text/plain\r\nContent-Transfer-Encoding: x-uuencode\r\n\r\nbegin 644 a\r\n!!!!\r\n",
     # a header line without a colon, folded garbage
     b"Subject: x\r\n this is folded\r\nnot a header\r\n\r\nbody\r\n",

@@ -1,0 +1,41 @@
+"""services.receiver.smtp: enhanced status codes added to aiosmtpd's own replies."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.receiver.smtp import with_enhanced_status
+
+
+@pytest.mark.parametrize(
+    ("reply", "expected"),
+    [
+        ("250 OK", "250 2.0.0 OK"),
+        ("221 Bye", "221 2.0.0 Bye"),
+        ("252 Cannot VRFY user", "252 2.0.0 Cannot VRFY user"),
+        ("500 Error: bad syntax", "500 5.5.2 Error: bad syntax"),
+        ("500 Command line too long", "500 5.5.2 Command line too long"),
+        ("501 Syntax: MAIL FROM: <address>", "501 5.5.4 Syntax: MAIL FROM: <address>"),
+        ("502 EXPN not implemented", "502 5.5.1 EXPN not implemented"),
+        ("503 Error: need MAIL command", "503 5.5.1 Error: need MAIL command"),
+        (
+            "552 Error: message size exceeds fixed maximum message size",
+            "552 5.3.4 Error: message size exceeds fixed maximum message size",
+        ),
+        ("555 MAIL FROM parameters not recognized", "555 5.5.4 MAIL FROM parameters not recognized"),
+        ("554 Command refused", "554 5.0.0 Command refused"),
+        ("599 Something new", "599 5.0.0 Something new"),
+        ("250-Multi line", "250-2.0.0 Multi line"),
+        ("250", "250 2.0.0"),
+        # Already coded: unchanged.
+        ("553 5.1.3 Error: malformed address", "553 5.1.3 Error: malformed address"),
+        ("530 5.7.0 Authentication required", "530 5.7.0 Authentication required"),
+        ("421 4.7.0 MAIL sent too many times", "421 4.7.0 MAIL sent too many times"),
+        ("250 2.0.0", "250 2.0.0"),
+        # No enhanced codes exist for 1xx/3xx (RFC 3463 classes are 2, 4, 5).
+        ("354 End data with <CR><LF>.<CR><LF>", "354 End data with <CR><LF>.<CR><LF>"),
+        ("not a reply", "not a reply"),
+    ],
+)
+def test_with_enhanced_status(reply: str, expected: str) -> None:
+    assert with_enhanced_status(reply) == expected
