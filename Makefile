@@ -14,6 +14,7 @@ CONFIG      ?= etc/smtpgw.toml
 SINK_LISTEN ?= 127.0.0.1:2526
 SINK_DIR    ?= var/mail
 PYTEST_ARGS ?=
+PYTEST_TIMEOUT ?= 30m
 
 .PHONY: help run test lint pytest setup
 
@@ -68,7 +69,14 @@ lint:
 	exit $$status
 
 # CI=1 (set by .ci/run) makes a missing clamd or RabbitMQ fail the tests that
-# need it instead of skipping them (tests/conftest.py).
+# need it instead of skipping them (tests/conftest.py). The suite should take
+# well under 15 minutes; a hung test is stopped after PYTEST_TIMEOUT with
+# SIGABRT, on which pytest's faulthandler prints every thread's stack.
 pytest:
 	@echo "+ CI=$${CI:-} $(PY) -m pytest $(PYTEST_ARGS)"
-	CI=$${CI:-} $(PY) -m pytest $(PYTEST_ARGS)
+	status=0
+	CI=$${CI:-} timeout --signal=ABRT --kill-after=30s $(PYTEST_TIMEOUT) $(PY) -m pytest $(PYTEST_ARGS) || status=$$?
+	if [ $$status = 124 ] || [ $$status = 134 ]; then
+	    echo "pytest did not finish within $(PYTEST_TIMEOUT): a test hangs (stacks above)" >&2
+	fi
+	exit $$status

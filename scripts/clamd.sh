@@ -5,8 +5,13 @@
 # `make test` and .ci/run) and by the tests' `clamd_address` fixture.
 #
 # Everything clamd writes stays under var/: config, pid file, log, socket,
-# temporary files, and the signature directory (seeded from etc/clamav/ once;
-# after that it belongs to the updater).
+# temporary files, and the signature directory var/clamav/.
+#
+# The signature files in etc/clamav/ (smtpgw.hsb, smtpgw.ndb, ...) are the
+# project's: each is copied to var/clamav/ when it is missing there or differs,
+# and a running clamd is told to RELOAD, so a signature added to the project
+# is active after the next `make test` without restarting anything. Other
+# files in var/clamav/ (the updater's) are never touched.
 #
 # Stop it with: kill "$(cat var/clamd/clamd.pid)"
 set -euo pipefail
@@ -17,17 +22,40 @@ PID_FILE="$VAR/clamd/clamd.pid"
 
 # Plain bash (/dev/tcp), so this works before Python is installed. clamd's
 # z-prefixed commands end with NUL, and so do its replies.
-ping_clamd() {
+clamd_says() {
     timeout 3 bash -c '
         exec 3<>"/dev/tcp/127.0.0.1/$1" || exit 1
-        printf "zPING\0" >&3
+        printf "z%s\0" "$2" >&3
         IFS= read -r -d "" -t 2 reply <&3 || true
-        [ "$reply" = PONG ]
-    ' _ "$PORT" 2>/dev/null
+        [ "$reply" = "$3" ]
+    ' _ "$PORT" "$1" "$2" 2>/dev/null
 }
+ping_clamd() { clamd_says PING PONG; }
+
+mkdir -p "$VAR/clamd/tmp" "$VAR/clamav"
+changed=()
+for sig in etc/clamav/*; do
+    case "$sig" in *.in | */README*) continue ;; esac
+    dest="$VAR/clamav/$(basename "$sig")"
+    if ! cmp -s "$sig" "$dest"; then
+        # Copy, then rename: clamd never reads a half-written database.
+        cp "$sig" "$dest.tmp"
+        mv "$dest.tmp" "$dest"
+        changed+=("$(basename "$sig")")
+    fi
+done
 
 if ping_clamd; then
-    echo "clamd: already answering on 127.0.0.1:$PORT"
+    if [ "${#changed[@]}" -gt 0 ]; then
+        if clamd_says RELOAD RELOADING; then
+            echo "clamd: already answering on 127.0.0.1:$PORT; reloading for ${changed[*]}"
+        else
+            echo "clamd: already answering on 127.0.0.1:$PORT, but refused RELOAD for ${changed[*]}" >&2
+            exit 1
+        fi
+    else
+        echo "clamd: already answering on 127.0.0.1:$PORT"
+    fi
     exit 0
 fi
 
@@ -48,15 +76,6 @@ else
         echo "clamd is not installed (scripts/setup.sh installs it: apt-get install clamav-daemon)" >&2
         exit 1
     }
-    mkdir -p "$VAR/clamd/tmp" "$VAR/clamav"
-    # Seed the signature directory only when it is empty: once the updater has
-    # activated newer signatures there, they are not ours to overwrite.
-    if [ -z "$(ls -A "$VAR/clamav" 2>/dev/null)" ]; then
-        for sig in etc/clamav/*; do
-            case "$sig" in *.in | */README*) continue ;; esac
-            cp "$sig" "$VAR/clamav/"
-        done
-    fi
     sed -e "s|@VAR@|$VAR|g" -e "s|@PORT@|$PORT|g" etc/clamav/clamd.conf.in >"$VAR/clamd/clamd.conf"
     clamd --config-file="$VAR/clamd/clamd.conf"
 fi

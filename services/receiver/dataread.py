@@ -28,7 +28,6 @@ What it guarantees, whatever the split of the bytes on the wire:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from services.receiver.limits import MemoryBudget
@@ -81,8 +80,17 @@ def _drop_last(chunks: list[bytes], n: int) -> None:
             n = 0
 
 
-def _longest_line(content: bytes) -> int:
-    return max(map(len, content.split(CRLF)))
+def _stuffed(tail: bytes, chunk: bytes) -> int:
+    """Line-start dots that `chunk` completes, given the `tail` consumed before it."""
+    return chunk.count(_STUFFED) + (tail[-2:] + chunk[:2]).count(_STUFFED)
+
+
+def _all_stuffed(chunks: list[bytes]) -> int:
+    dots, tail = 0, CRLF
+    for chunk in chunks:
+        dots += _stuffed(tail, chunk)
+        tail = (tail + chunk[-2:])[-2:]
+    return dots
 
 
 async def read_data(
@@ -91,18 +99,20 @@ async def read_data(
     max_size: int,
     max_line_length: int,
     budget: MemoryBudget,
-    progress: Callable[[], None] | None = None,
 ) -> DataResult:
     """Read one DATA phase, right after the 354 reply, up to and including `<CRLF>.<CRLF>`.
 
-    `progress` is called after every chunk (the session resets its idle timer
-    there). Raises `asyncio.IncompleteReadError` if the stream ends first; any
+    Raises `asyncio.IncompleteReadError` if the stream ends first; any
     budget it took is given back when it raises.
     """
     chunks: list[bytes] = []
     held = 0  # bytes of `chunks`, taken from the budget
     raw = 0  # bytes consumed from the stream, end marker included
-    dots = 0  # occurrences of CRLF "." in CRLF + stream: stuffed dots, plus the end marker's
+    # Occurrences of CRLF "." in CRLF + stream (stuffed dots, plus the end marker's), so the
+    # unstuffed size is raw - dots - 2. Counting costs a pass over every chunk: it starts only
+    # once the size could be over the limit, or before chunks are dropped.
+    dots = 0
+    counting = False
     tail = CRLF  # the last (up to 4) bytes consumed; the DATA command ended with CRLF
     problem: DataProblem | None = None
     try:
@@ -118,46 +128,48 @@ async def read_data(
                     chunk = await reader.read(exc.consumed)
                     if not chunk:
                         raise asyncio.IncompleteReadError(b"", None) from None
-            if progress is not None:
-                progress()
             raw += len(chunk)
-            # Dots at line starts inside the chunk, and one whose CRLF ended the previous chunk.
-            dots += chunk.count(_STUFFED) + (tail[-2:] + chunk[:2]).count(_STUFFED)
+            keep = problem is None and budget.take(len(chunk))
+            if counting:
+                dots += _stuffed(tail, chunk)
+            elif not keep or raw - 2 > max_size:
+                dots = _all_stuffed([*chunks, chunk])
+                counting = True
             window = tail + chunk[-len(TERMINATOR) :]
-            done = window.endswith(TERMINATOR)
             tail = window[-(len(TERMINATOR) - 1) :]
-            # raw - dots - 2 never exceeds the final unstuffed size, so the test is exact.
-            if problem is not DataProblem.TOO_BIG and raw - dots - 2 > max_size:
-                problem = DataProblem.TOO_BIG
-            if problem is None and budget.take(len(chunk)):
+            if keep:
                 chunks.append(chunk)
                 held += len(chunk)
-            else:
-                problem = problem or DataProblem.NO_MEMORY
+            elif problem is None:
+                problem = DataProblem.NO_MEMORY
+            # raw - dots - 2 only grows towards the final size: the test is exact.
+            if counting and raw - dots - 2 > max_size:
+                problem = DataProblem.TOO_BIG  # wins over NO_MEMORY: retrying would not help
+            if problem is not None and held:
                 chunks.clear()
                 budget.give(held)
                 held = 0
-            if done:
+            if window.endswith(TERMINATOR):
                 break
     except BaseException:
         budget.give(held)
         raise
 
-    size = raw - dots - 2
     if problem is not None:
-        return DataResult(b"", size, problem, 0)
+        return DataResult(b"", raw - dots - 2, problem, 0)
     _drop_last(chunks, len(TERMINATOR) - len(CRLF))  # the ".\r\n"; its CRLF ended the last line
     body = b"".join(chunks)
     chunks.clear()
-    lines = body.count(CRLF)
-    if body.count(b"\r") != lines or body.count(b"\n") != lines:
+    content = body[1:] if body.startswith(b".") else body
+    content = content.replace(_STUFFED, CRLF)
+    lines = content.split(CRLF)
+    # Split on CRLF, the lines must hold no CR or LF: any left is bare (RFC 5321 §2.3.8).
+    text = b"".join(lines)
+    if b"\r" in text or b"\n" in text:
         problem = DataProblem.BARE_NEWLINE
+    elif len(content) > max_line_length and max(map(len, lines)) > max_line_length:
+        problem = DataProblem.LINE_TOO_LONG
     else:
-        content = body[1:] if body.startswith(b".") else body
-        content = content.replace(_STUFFED, CRLF)
-        if len(content) > max_line_length and _longest_line(content) > max_line_length:
-            problem = DataProblem.LINE_TOO_LONG
-        else:
-            return DataResult(content, len(content), None, held)
+        return DataResult(content, len(content), None, held)
     budget.give(held)
-    return DataResult(b"", size, problem, 0)
+    return DataResult(b"", len(content), problem, 0)

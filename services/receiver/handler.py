@@ -19,6 +19,7 @@ import contextvars
 import hashlib
 import logging
 import time
+from collections.abc import Sequence
 from concurrent.futures import Executor
 from datetime import UTC, datetime, timedelta
 
@@ -34,6 +35,10 @@ from shared.logging import bound, event
 from shared.transport import Queue, Transport
 
 log = logging.getLogger(__name__)
+
+# Back-pressure is a state of the queues, not of one message: asking the transport
+# once per interval keeps a thread hop off every MAIL FROM.
+ACCEPTING_TTL = 0.5
 
 
 def authenticated_user(session: Session) -> str:
@@ -55,10 +60,12 @@ class ReceiverHandler:
         self._transport = transport
         self._executor = executor
         self._outage = False  # publish is failing: log the outage once, not once per message
+        self._busy: str | None = None  # the last answer of transport.accepting()
+        self._busy_checked = float("-inf")  # monotonic time it was last asked
 
     def client(self, server: ReceiverSMTP, session: Session) -> Client:
         user = authenticated_user(session)
-        relay = policy.is_relay_client(server.client_ip, self._settings.relay_networks) or bool(user)
+        relay = server.relay_client or bool(user)
         return Client(
             ip=server.client_ip,
             helo=session.host_name or "",
@@ -81,8 +88,7 @@ class ReceiverHandler:
     async def handle_MAIL(
         self, server: ReceiverSMTP, session: Session, envelope: Transaction, address: str, mail_options: list[str]
     ) -> str:
-        # accepting() may ask the broker (and wait for it): never on the event loop.
-        busy = await asyncio.get_running_loop().run_in_executor(self._executor, self._transport.accepting)
+        busy = await self._accepting()
         if busy:
             decision = policy.back_pressure(busy)
             event(log, "sender deferred", reason=decision.reason, detail=busy, dsn=decision.status)
@@ -121,7 +127,7 @@ class ReceiverHandler:
         sender = "" if envelope.mail_from == "<>" else str(envelope.mail_from)
         refusal = policy.check_data(result.problem)
         if refusal is not None:
-            self._refused(refusal, sender, len(envelope.rcpt_tos), result.size)
+            self._refused(refusal, sender, envelope.rcpt_tos, result.size)
             return refusal.reply()
 
         started = time.monotonic()
@@ -153,19 +159,19 @@ class ReceiverHandler:
                 mail_from=sender,
                 rcpt_to=tuple(envelope.rcpt_tos),
                 size=len(body),
-                sha256=hashlib.sha256(body).hexdigest(),
+                sha256="",  # hashed on the publishing thread
                 direction=Direction.OUTGOING if client.relay else Direction.INCOMING,
                 smtputf8=bool(envelope.smtp_utf8),
                 eight_bit="BODY=8BITMIME" in envelope.mail_options,
                 expires_at=received_at + timedelta(seconds=self._config.delivery.max_queue_lifetime),
             )
             try:
-                await self._publish(message, body)
+                message = await self._publish(message, body)
             except Exception as exc:
                 if not self._outage:
                     self._outage = True
                     log.exception("cannot queue messages, answering 451 until this works again: %s", exc)
-                self._refused(policy.TRANSPORT_FAILED, sender, len(message.rcpt_to), message.size, str(exc))
+                self._refused(policy.TRANSPORT_FAILED, sender, message.rcpt_to, message.size, str(exc))
                 return policy.TRANSPORT_FAILED.reply()
             if self._outage:
                 self._outage = False
@@ -177,6 +183,7 @@ class ReceiverHandler:
                 log,
                 "message accepted",
                 sender=f"<{sender}>",
+                to=",".join(f"<{r}>" for r in message.rcpt_to),
                 nrcpt=len(message.rcpt_to),
                 size=message.size,
                 direction=str(message.direction),
@@ -193,13 +200,39 @@ class ReceiverHandler:
 
     # ------------------------------------------------------------ helpers
 
-    async def _publish(self, message: Envelope, body: bytes) -> None:
-        """`transport.publish` to the scan queue on a worker thread, with this task's log context."""
-        loop = asyncio.get_running_loop()
-        context = contextvars.copy_context()
-        await loop.run_in_executor(self._executor, context.run, self._transport.publish, Queue.SCAN, message, body)
+    async def _accepting(self) -> str | None:
+        """`transport.accepting()`, asked at most every ACCEPTING_TTL seconds.
 
-    def _refused(self, decision: policy.Decision, sender: str, nrcpt: int, size: int, error: str = "") -> None:
+        It may ask the broker and wait for it, so it runs on a worker thread;
+        sessions arriving meanwhile use the previous answer.
+        """
+        now = time.monotonic()
+        if now - self._busy_checked >= ACCEPTING_TTL:
+            self._busy_checked = now
+            loop = asyncio.get_running_loop()
+            try:
+                self._busy = await loop.run_in_executor(self._executor, self._transport.accepting)
+            except Exception:
+                log.exception("transport.accepting() failed; deferring new mail")
+                self._busy = "queues unavailable"
+        return self._busy
+
+    async def _publish(self, message: Envelope, body: bytes) -> Envelope:
+        """Hash the bytes and `transport.publish` them to the scan queue, on a worker thread
+        (hashlib lets go of the GIL: hashing runs beside the event loop), with this task's log
+        context. Returns the envelope as published."""
+
+        def publish() -> Envelope:
+            stamped = message.replace(sha256=hashlib.sha256(body).hexdigest())
+            self._transport.publish(Queue.SCAN, stamped, body)
+            return stamped
+
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, contextvars.copy_context().run, publish)
+
+    def _refused(
+        self, decision: policy.Decision, sender: str, rcpts: Sequence[str], size: int, error: str = ""
+    ) -> None:
         metrics.MESSAGES_RECEIVED.labels(result="refused", reason=decision.reason).inc()
         fields = {"error": error} if error else {}
         event(
@@ -207,7 +240,8 @@ class ReceiverHandler:
             "message refused",
             level=logging.WARNING if decision.code < 500 else logging.INFO,
             sender=f"<{sender}>",
-            nrcpt=nrcpt,
+            to=",".join(f"<{r}>" for r in rcpts),
+            nrcpt=len(rcpts),
             size=size,
             reason=decision.reason,
             dsn=decision.status,

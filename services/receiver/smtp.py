@@ -12,8 +12,9 @@ perimeter cannot leave to it:
 - A client gets `max_messages_per_connection` DATA phases, then `421 4.7.0`.
 - Any 421 closes the session at once (RFC 5321 §3.8): nothing the client
   pipelined after it is read as a command.
-- The idle timer is reset by every chunk of DATA too, not only by commands,
-  and on expiry the client is told `421 4.4.2` before the close.
+- The idle timer counts from the last bytes received while DATA streams in,
+  not only from the last command; on expiry the client is told `421 4.4.2`
+  before the close.
 
 The sender/recipient/message decisions are the handler's (`handler.py`).
 """
@@ -31,7 +32,7 @@ from aiosmtpd.smtp import Envelope as SessionEnvelope
 
 from services.receiver.dataread import DataResult, read_data
 from services.receiver.limits import ConnectionGate, MemoryBudget
-from services.receiver.policy import TOO_MANY_MESSAGES, normalise_ip
+from services.receiver.policy import TOO_MANY_MESSAGES, is_relay_client, normalise_ip
 from shared import metrics
 from shared.config import ReceiverConfig
 from shared.logging import bind, event
@@ -49,6 +50,23 @@ _ENHANCED = re.compile(r"\d{3}[ -][245]\.\d{1,3}\.\d{1,3}(?: |$)")
 
 # An angle-bracketed address whose domain ends in one dot, and what follows it.
 _TRAILING_DOT = re.compile(r"\s*<([^<>]*[^<>.])\.>(.*)", re.DOTALL)
+
+# `<dot-atom@domain> params`, the form nearly every client uses (RFC 5321 §4.1.2), ASCII only.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_PLAIN_ADDRESS = re.compile(rf"\s*<((?:{_ATEXT}\.)*{_ATEXT}@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>\s*([^()]*)")
+
+
+def plain_address(arg: str) -> tuple[str, str] | None:
+    """(address, parameters) of a MAIL/RCPT argument in the plain form, else None.
+
+    aiosmtpd parses every address with the email package's RFC 5322 header
+    parser, which costs about as much as reading a whole 80 KiB message; for
+    the plain form the result is the same (tests compare them), so the
+    parser only sees what is unusual.
+    """
+    m = _PLAIN_ADDRESS.fullmatch(arg)
+    return (m.group(1), m.group(2).rstrip()) if m else None
+
 
 # RFC 3463 (and the RFC 5248 registry) codes for the replies aiosmtpd writes without one.
 ENHANCED_BY_CODE = {
@@ -133,6 +151,7 @@ class ReceiverSMTP(SMTP):
         )
         self.settings = settings
         self.client_ip = ""
+        self.relay_client = False  # the peer is in [receiver].relay_networks
         self.messages = 0  # DATA phases completed in this session
         self._gate = gate
         self._budget = budget
@@ -140,6 +159,9 @@ class ReceiverSMTP(SMTP):
         self._refusal: str | None = None
         self._admitted = False
         self._plain_replies = False  # greeting and EHLO/HELO replies carry no enhanced code (RFC 2034 §3)
+        self._streaming = False  # reading DATA: any byte that arrives proves the client is not idle
+        self._busy = False  # storing a message: the client waits for us, it is not idle either
+        self._last_input = 0.0  # loop time of the last bytes received
 
     def _create_envelope(self) -> Transaction:
         return Transaction()
@@ -150,6 +172,7 @@ class ReceiverSMTP(SMTP):
         if self.transport is None:  # not the second call that follows a STARTTLS
             peer = transport.get_extra_info("peername")
             self.client_ip = normalise_ip(str(peer[0])) if peer else ""
+            self.relay_client = is_relay_client(self.client_ip, self.settings.relay_networks)
             self._refusal = self._gate.admit(self.client_ip)
             self._admitted = self._refusal is None
             metrics.CONNECTIONS.labels(result="accepted" if self._admitted else "refused").inc()
@@ -189,7 +212,20 @@ class ReceiverSMTP(SMTP):
         if self._handler_coroutine is not None and not self._handler_coroutine.done():
             self._handler_coroutine.cancel()
 
+    def data_received(self, data: bytes) -> None:
+        self._last_input = self.loop.time()  # cheaper than re-arming the idle timer per read
+        super().data_received(data)
+
     def _timeout_cb(self) -> None:
+        # aiosmtpd re-arms the timer per command only. While DATA streams in, count from the
+        # last bytes received instead; while we store the message, the wait is ours.
+        if self._busy:
+            self._reset_timeout()
+            return
+        quiet = self.loop.time() - self._last_input
+        if self._streaming and quiet < self._timeout_duration:
+            self._reset_timeout(self._timeout_duration - quiet)
+            return
         transport = self.transport
         if not isinstance(transport, asyncio.WriteTransport) or transport.is_closing():
             return
@@ -237,6 +273,9 @@ class ReceiverSMTP(SMTP):
         m = _TRAILING_DOT.match(arg)
         if m:
             arg = f"<{m.group(1)}>{m.group(2)}"
+        plain = plain_address(arg)
+        if plain is not None:
+            return plain
         address: str | None
         params: str | None
         address, params = super()._getaddr(arg)
@@ -263,13 +302,13 @@ class ReceiverSMTP(SMTP):
             await self.push("501 5.5.4 Syntax: DATA")
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
+        self._streaming = True
         try:
             result = await read_data(
                 self._reader,
                 max_size=self.settings.max_message_size,
                 max_line_length=self.settings.max_line_length,
                 budget=self._budget,
-                progress=self._reset_timeout,  # a client streaming DATA is not idle
             )
         except asyncio.IncompleteReadError:
             self.close()  # the client left mid-message: nothing to answer
@@ -280,11 +319,15 @@ class ReceiverSMTP(SMTP):
             log.exception("DATA reader failed")
             await self.push(f"421 4.3.0 {self.hostname} Local error, closing connection")
             return
+        finally:
+            self._streaming = False
         self.messages += 1
         envelope.data = result
+        self._busy = True
         try:
             status = await self._call_handler_hook("DATA")
         finally:
+            self._busy = False
             self._budget.give(result.reserved)
             self.envelope = self._create_envelope()  # aiosmtpd's post-DATA state
         await self.push("451 4.3.0 Local error in processing" if status is MISSING else status)

@@ -21,13 +21,15 @@ def spool(spool_dir: Path) -> SpoolTransport:
 
 
 def test_size_parameter_over_the_limit(spool: SpoolTransport) -> None:
-    with running(make_config(max_message_size=65536), spool) as receiver:
-        with smtplib.SMTP("127.0.0.1", receiver.port) as client:
-            code, features = client.ehlo("client.example")
-            assert b"SIZE 65536" in features
-            code, reply = client.mail("sender@sender.example", ["SIZE=65537"])
-            assert (code, reply[:6]) == (552, b"5.3.4 ")
-            assert client.mail("sender@sender.example", ["SIZE=65536"])[0] == 250
+    with (
+        running(make_config(max_message_size=65536), spool) as receiver,
+        smtplib.SMTP("127.0.0.1", receiver.port) as client,
+    ):
+        _, features = client.ehlo("client.example")
+        assert b"SIZE 65536" in features
+        code, reply = client.mail("sender@sender.example", ["SIZE=65537"])
+        assert (code, reply[:6]) == (552, b"5.3.4 ")
+        assert client.mail("sender@sender.example", ["SIZE=65536"])[0] == 250
 
 
 def test_data_over_the_limit_is_drained_then_refused(spool: SpoolTransport) -> None:
@@ -43,10 +45,12 @@ def test_data_over_the_limit_is_drained_then_refused(spool: SpoolTransport) -> N
 def test_exactly_max_size_is_accepted(spool: SpoolTransport) -> None:
     message = b"Subject: fits\r\n\r\n" + b"z" * (1000 - 17 - 2) + b"\r\n"
     assert len(message) == 1000
-    with running(make_config(max_message_size=1000, max_line_length=998), spool) as receiver:
-        with smtplib.SMTP("127.0.0.1", receiver.port) as client:
-            assert client.sendmail("sender@sender.example", ["user@example.test"], message) == {}
-    [(env, body)] = stored(spool)
+    with (
+        running(make_config(max_message_size=1000), spool) as receiver,
+        smtplib.SMTP("127.0.0.1", receiver.port) as client,
+    ):
+        assert client.sendmail("sender@sender.example", ["user@example.test"], message) == {}
+    [(_, body)] = stored(spool)
     assert body.endswith(message)
 
 
@@ -95,17 +99,19 @@ def test_max_connections(spool: SpoolTransport) -> None:
 
 
 def test_max_connections_per_client(spool: SpoolTransport) -> None:
-    with running(make_config(max_connections=10, max_connections_per_client=1), spool) as receiver:
-        with RawClient(receiver.port) as first:
-            assert first.reply()[0].startswith(b"220 ")
-            with RawClient(receiver.port) as second:
-                assert second.reply() == [
-                    b"421 4.7.0 mx.example.test Too many connections from your address, try again later"
-                ]
-                assert second.closed()
-            with RawClient(receiver.port, source="127.0.0.2") as other:
-                assert other.reply()[0].startswith(b"220 ")
-            assert first.command(b"NOOP") == [b"250 2.0.0 OK"]
+    with (
+        running(make_config(max_connections=10, max_connections_per_client=1), spool) as receiver,
+        RawClient(receiver.port) as first,
+    ):
+        assert first.reply()[0].startswith(b"220 ")
+        with RawClient(receiver.port) as second:
+            assert second.reply() == [
+                b"421 4.7.0 mx.example.test Too many connections from your address, try again later"
+            ]
+            assert second.closed()
+        with RawClient(receiver.port, source="127.0.0.2") as other:
+            assert other.reply()[0].startswith(b"220 ")
+        assert first.command(b"NOOP") == [b"250 2.0.0 OK"]
 
 
 def test_idle_timeout(spool: SpoolTransport) -> None:
@@ -120,12 +126,12 @@ def test_idle_timeout(spool: SpoolTransport) -> None:
 
 def test_streaming_data_resets_the_idle_timer(spool: SpoolTransport) -> None:
     """DATA that keeps coming, slower than the timeout in total, is not idle."""
-    with running(make_config(idle_timeout=0.5), spool) as receiver, RawClient(receiver.port) as raw:
+    with running(make_config(idle_timeout=0.6), spool) as receiver, RawClient(receiver.port) as raw:
         raw.start()
         started = time.monotonic()
         for i in range(8):
             raw.send(b"line %d\r\n" % i)
-            time.sleep(0.15)  # pacing the sender (not waiting for a result): 1.2 s in all
+            time.sleep(0.15)  # pacing the sender (not waiting for a result): 1.2 s, twice the timeout
         raw.send(b".\r\n")
         assert raw.reply()[0].startswith(b"250 2.0.0 ")
         assert time.monotonic() - started > 1.0
@@ -177,3 +183,15 @@ def test_memory_budget_exhausted_answers_451(spool: SpoolTransport) -> None:
         assert wait_until(lambda: receiver.data_inflight == 0)
     [(_, body)] = stored(spool)
     assert body.endswith(b"Subject: holder\r\n\r\n" + part)
+
+
+def test_client_vanishing_mid_data_gives_everything_back(spool: SpoolTransport) -> None:
+    with running(make_config(), spool) as receiver:
+        with RawClient(receiver.port) as raw:
+            raw.start()
+            raw.send(b"Subject: cut\r\n\r\n" + (b"c" * 78 + b"\r\n") * 1000)
+            assert wait_until(lambda: receiver.data_inflight > 0)
+        assert wait_until(lambda: receiver.data_inflight == 0 and receiver.connections == 0)
+        with smtplib.SMTP("127.0.0.1", receiver.port) as client:  # and the receiver carries on
+            assert client.noop()[0] == 250
+    assert stored(spool) == []

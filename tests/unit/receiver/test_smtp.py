@@ -1,10 +1,11 @@
-"""services.receiver.smtp: enhanced status codes added to aiosmtpd's own replies."""
+"""services.receiver.smtp: enhanced status codes on aiosmtpd's replies; the fast address parse."""
 
 from __future__ import annotations
 
 import pytest
+from aiosmtpd.smtp import SMTP
 
-from services.receiver.smtp import with_enhanced_status
+from services.receiver.smtp import plain_address, with_enhanced_status
 
 
 @pytest.mark.parametrize(
@@ -39,3 +40,47 @@ from services.receiver.smtp import with_enhanced_status
 )
 def test_with_enhanced_status(reply: str, expected: str) -> None:
     assert with_enhanced_status(reply) == expected
+
+
+class _Settings:
+    local_part_limit = 0  # what aiosmtpd's _getaddr reads from its session
+
+
+@pytest.mark.parametrize(
+    "arg",
+    [
+        "<a@b.example>",
+        "<a@b.example>  SIZE=10 BODY=8BITMIME",
+        "<a@b.example>SIZE=10",
+        " <a@b.example> x",
+        "<A.b+c@B.Example> ",
+        "<o'neil@x.example>",
+        "<first.last-tag_x=y@sub-1.b.example> SMTPUTF8",
+        "<a@b>",
+        "<a@-b.example>",
+    ],
+)
+def test_plain_address_parses_like_aiosmtpd(arg: str) -> None:
+    assert plain_address(arg) is not None
+    assert plain_address(arg) == SMTP._getaddr(_Settings(), arg)
+
+
+@pytest.mark.parametrize(
+    "arg",
+    [
+        "<>",
+        "a@b.example",
+        "<a..b@c.example>",
+        "<.a@c.example>",
+        '<"quoted local"@b.example>',
+        "<@route.example:a@b.example>",
+        "<a@[192.0.2.1]>",
+        "<jörg@example.test>",
+        "<a@b.example> (comment)",
+        "<a@b..example>",
+        "<a@b_c.example>",
+        "<a@b.example",
+    ],
+)
+def test_unusual_addresses_go_to_the_full_parser(arg: str) -> None:
+    assert plain_address(arg) is None
