@@ -167,7 +167,7 @@ def _domain(value: object) -> str:
     domain = parse_domain(text.lstrip("."))
     if not domain or not re.fullmatch(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*", domain):
         raise ValueError(f"{text!r} is not a domain")
-    # A leading dot means "this domain's subdomains too", as in Postfix's parent_domain_matches_subdomains.
+    # A leading dot means "the subdomains of this domain" (not the domain itself), as Postfix's ".domain".
     return "." + domain if text.startswith(".") else domain
 
 

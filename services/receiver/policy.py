@@ -113,7 +113,9 @@ def is_internal(domain: str, internal_domains: Iterable[str]) -> bool:
     """True when `domain` is one of ours.
 
     Entries are compared case-insensitively, with a trailing dot tolerated; an
-    entry `.example.test` matches `example.test` and every subdomain of it.
+    entry `.example.test` matches every subdomain of example.test but not
+    example.test itself (list both for both), as Postfix's `.domain` and the
+    delivery routes do.
     Address literals (`[192.0.2.1]`) are never internal.
     """
     name = normalise_domain(domain)
@@ -121,7 +123,7 @@ def is_internal(domain: str, internal_domains: Iterable[str]) -> bool:
         return False
     for entry in internal_domains:
         if entry.startswith("."):
-            if name == entry[1:] or name.endswith(entry):
+            if name.endswith(entry):
                 return True
         elif name == entry:
             return True

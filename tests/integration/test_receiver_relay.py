@@ -58,7 +58,6 @@ def test_relay_tricks_from_the_internet_are_refused(spool: SpoolTransport) -> No
         (b"<user@EXAMPLE.TEST>", "user@EXAMPLE.TEST"),
         (b"<user@example.test.>", "user@example.test"),
         (b"<user@a.b.corp.example>", "user@a.b.corp.example"),
-        (b"<user@corp.example>", "user@corp.example"),
         (b"<@relay.example:user@example.test>", "user@example.test"),
     ],
 )

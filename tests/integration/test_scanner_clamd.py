@@ -57,7 +57,8 @@ def test_real_clamd_commands(clamd_address: str) -> None:
 
 def test_real_clamd_chunks_a_large_stream(clamd_address: str) -> None:
     data = os.urandom(5 * 1024 * 1024 + 17) + EICAR  # many 64 KiB chunks, an odd last one
-    assert ClamdClient(clamd_address, 30).scan(data).clean  # EICAR is detected as a whole file only
+    # The body signature (smtpgw.ndb) finds EICAR anywhere: only if every chunk arrived, in order.
+    assert ClamdClient(clamd_address, 30).scan(data).signature.startswith("Eicar-Test-Signature")
     assert ClamdClient(clamd_address, 30).scan(os.urandom(3 * 65536)).clean
 
 

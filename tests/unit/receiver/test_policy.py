@@ -22,7 +22,7 @@ ACCEPT, SYNTAX, RELAY = (250, "2.1.5"), (553, "5.1.3"), (550, "5.7.1")
         ("user@example.test", ACCEPT, "user@example.test"),
         ("User@EXAMPLE.TEST", ACCEPT, "User@EXAMPLE.TEST"),
         ("user@example.test.", ACCEPT, "user@example.test."),
-        ("user@corp.example", ACCEPT, "user@corp.example"),
+        ("user@corp.example", RELAY, ""),  # ".corp.example" is the subdomains only
         ("user@a.b.corp.example", ACCEPT, "user@a.b.corp.example"),
         ("user@bücher.example", ACCEPT, "user@bücher.example"),
         ("jörg@example.test", ACCEPT, "jörg@example.test"),
@@ -98,7 +98,7 @@ def test_recipient_from_a_relay_client(address: str, expected: tuple[int, str], 
     [
         ("example.test", True),
         ("EXAMPLE.test.", True),
-        ("corp.example", True),
+        ("corp.example", False),
         ("x.corp.example", True),
         ("xcorp.example", False),
         ("bücher.example", True),
