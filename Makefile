@@ -20,9 +20,9 @@ PYTEST_TIMEOUT ?= 30m
 
 help:
 	@echo "make run    set up, start clamd and a capture sink on $(SINK_LISTEN), run the gateway in the foreground"
-	echo "make test   set up (ClamAV, RabbitMQ, venv), then lint (ruff, mypy) and the test suite (pytest)"
+	echo "make test   set up (ClamAV, RabbitMQ, Redis, venv), then lint (ruff, mypy) and the test suite (pytest)"
 	echo "make lint   ruff check and mypy --strict only"
-	echo "make setup  install what is missing and start clamd and RabbitMQ (scripts/setup.sh)"
+	echo "make setup  install what is missing and start clamd, RabbitMQ and Redis (scripts/setup.sh)"
 
 setup:
 	@scripts/setup.sh
@@ -32,7 +32,7 @@ setup:
 # each message to $(SINK_DIR)/new/. Ctrl-C stops the gateway and the sink this
 # started; clamd keeps running (scripts/clamd.sh says how to stop it).
 run:
-	@scripts/setup.sh --without-rabbitmq
+	@scripts/setup.sh --without-rabbitmq --without-redis
 	$(SMTPGW) check-config -c $(CONFIG)
 	listen=$(SINK_LISTEN); sink_host=$${listen%:*}; sink_port=$${listen##*:}
 	sink_up() { timeout 3 bash -c 'exec 3<>"/dev/tcp/$$1/$$2"' _ "$$sink_host" "$$sink_port" 2>/dev/null; }
@@ -71,11 +71,12 @@ lint:
 # CI=1 (set by .ci/run) makes a missing clamd or RabbitMQ fail the tests that
 # need it instead of skipping them (tests/conftest.py). The suite should take
 # well under 15 minutes; a hung test is stopped after PYTEST_TIMEOUT with
-# SIGABRT, on which pytest's faulthandler prints every thread's stack.
+# SIGABRT, on which pytest's faulthandler prints every thread's stack
+# (--foreground keeps pytest in the terminal's process group, so Ctrl-C works).
 pytest:
 	@echo "+ CI=$${CI:-} $(PY) -m pytest $(PYTEST_ARGS)"
 	status=0
-	CI=$${CI:-} timeout --signal=ABRT --kill-after=30s $(PYTEST_TIMEOUT) $(PY) -m pytest $(PYTEST_ARGS) || status=$$?
+	CI=$${CI:-} timeout --foreground --signal=ABRT --kill-after=30s $(PYTEST_TIMEOUT) $(PY) -m pytest $(PYTEST_ARGS) || status=$$?
 	if [ $$status = 124 ] || [ $$status = 134 ]; then
 	    echo "pytest did not finish within $(PYTEST_TIMEOUT): a test hangs (stacks above)" >&2
 	fi

@@ -23,6 +23,7 @@ PID_FILE="$VAR/clamd/clamd.pid"
 # Plain bash (/dev/tcp), so this works before Python is installed. clamd's
 # z-prefixed commands end with NUL, and so do its replies.
 clamd_says() {
+    # shellcheck disable=SC2016 # the inner bash expands $1..$3, not this one
     timeout 3 bash -c '
         exec 3<>"/dev/tcp/127.0.0.1/$1" || exit 1
         printf "z%s\0" "$2" >&3
@@ -45,8 +46,20 @@ for sig in etc/clamav/*; do
     fi
 done
 
+# The clamd this checkout started, if it still runs (its pid file names a live clamd).
+our_pid=""
+if [ -s "$PID_FILE" ]; then
+    pid="$(cat "$PID_FILE")"
+    if [ -r "/proc/$pid/comm" ] && [ "$(cat "/proc/$pid/comm")" = clamd ]; then
+        our_pid="$pid"
+    fi
+fi
+
 if ping_clamd; then
-    if [ "${#changed[@]}" -gt 0 ]; then
+    if [ "${#changed[@]}" -gt 0 ] && [ -z "$our_pid" ]; then
+        # Another checkout's clamd (or the system's): its databases are not ours to reload.
+        echo "clamd: already answering on 127.0.0.1:$PORT (not started from here: it keeps its own signatures)"
+    elif [ "${#changed[@]}" -gt 0 ]; then
         if clamd_says RELOAD RELOADING; then
             echo "clamd: already answering on 127.0.0.1:$PORT; reloading for ${changed[*]}"
         else
@@ -61,16 +74,8 @@ fi
 
 # A clamd of ours that is alive but not answering yet is still loading its
 # signatures: wait for it rather than start a second one that cannot bind.
-running_pid=""
-if [ -s "$PID_FILE" ]; then
-    pid="$(cat "$PID_FILE")"
-    if [ -r "/proc/$pid/comm" ] && [ "$(cat "/proc/$pid/comm")" = clamd ]; then
-        running_pid="$pid"
-    fi
-fi
-
-if [ -n "$running_pid" ]; then
-    echo "clamd: pid $running_pid is starting; waiting for it"
+if [ -n "$our_pid" ]; then
+    echo "clamd: pid $our_pid is starting; waiting for it"
 else
     command -v clamd >/dev/null || {
         echo "clamd is not installed (scripts/setup.sh installs it: apt-get install clamav-daemon)" >&2

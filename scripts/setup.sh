@@ -3,34 +3,40 @@
 # `make run`, `make test` and (through `make test`) .ci/run.
 #
 #   scripts/setup.sh                      everything the test suite needs
-#   scripts/setup.sh --without-rabbitmq   what `make run` needs (embedded spool, no broker)
+#   scripts/setup.sh --without-rabbitmq --without-redis
+#                                         what `make run` needs (embedded spool, file ledger)
 #
 # Idempotent and cheap the second time: it installs only what is missing and
 # starts only what is not running, so a second run does no network work.
 #   1. Debian packages: ClamAV (clamd, the clamav-testfiles corpus the scanner
 #      tests use), swaks (the README's test client), dnsmasq-base (a real DNS
 #      server for the delivery tests' MX lookups), Python's venv module when
-#      missing, and rabbitmq-server when no broker answers on 127.0.0.1:5672.
-#      `apt-get update` runs only when something must be installed.
+#      missing, rabbitmq-server when no broker answers on 127.0.0.1:5672, and
+#      redis-server (the delivery ledger's shared store) when no Redis answers
+#      on 127.0.0.1:6379. `apt-get update` runs only when something must be
+#      installed.
 #   2. The virtualenv .venv with the project installed editable with its
 #      [test] extra; pip runs again only when pyproject.toml changed (the
 #      stamp file .venv/.smtpgw-pyproject holds the hash it was installed from).
-#   3. RabbitMQ (`rabbitmq-server -detached`) when it does not answer, then
-#      clamd with the bundled signatures (scripts/clamd.sh).
+#   3. RabbitMQ (`rabbitmq-server -detached`) and Redis (state under var/redis)
+#      when they do not answer, then clamd with the bundled signatures
+#      (scripts/clamd.sh).
 # It never stops or restarts anything that runs, and needs no systemd.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 WITH_RABBITMQ=1
+WITH_REDIS=1
 for arg in "$@"; do
     case "$arg" in
         --without-rabbitmq) WITH_RABBITMQ=0 ;;
+        --without-redis) WITH_REDIS=0 ;;
         -h | --help)
-            sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
+            sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'
             exit 0
             ;;
         *)
-            echo "usage: $0 [--without-rabbitmq]" >&2
+            echo "usage: $0 [--without-rabbitmq] [--without-redis]" >&2
             exit 2
             ;;
     esac
@@ -39,6 +45,7 @@ done
 VENV=.venv
 STAMP="$VENV/.smtpgw-pyproject"
 RABBITMQ_PORT=5672
+REDIS_PORT=6379
 PACKAGES=(clamav-daemon clamav clamav-testfiles clamdscan swaks dnsmasq-base)
 
 say() { printf 'setup: %s\n' "$*"; }
@@ -47,6 +54,7 @@ die() {
     exit 1
 }
 
+# shellcheck disable=SC2016 # the inner bash expands $1 and $2, not this one
 port_open() { timeout 3 bash -c 'exec 3<>"/dev/tcp/$1/$2"' _ "$1" "$2" 2>/dev/null; }
 
 installed() { [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok installed" ]; }
@@ -77,16 +85,22 @@ fi
 if [ "$WITH_RABBITMQ" = 1 ] && ! port_open 127.0.0.1 "$RABBITMQ_PORT" && ! installed rabbitmq-server; then
     missing+=(rabbitmq-server)
 fi
+if [ "$WITH_REDIS" = 1 ] && ! port_open 127.0.0.1 "$REDIS_PORT" && ! installed redis-server; then
+    missing+=(redis-server)
+fi
 
 if [ "${#missing[@]}" -gt 0 ]; then
     command -v apt-get >/dev/null || die "missing ${missing[*]}, and this is not a Debian system with apt-get"
     say "installing Debian packages: ${missing[*]}"
-    # Without systemd, the maintainer scripts would start Debian's own
-    # clamav-daemon, clamav-freshclam (which then tries to download signatures
-    # forever) and rabbitmq-server from /etc/init.d. smtpgw starts its own clamd
-    # and starts RabbitMQ below, so tell invoke-rc.d "no" for the duration
-    # (exit 101 = action forbidden, see /usr/share/doc/init-system-helpers/README.policy-rc.d).
-    # An existing policy-rc.d belongs to the machine and is left alone.
+    # The maintainer scripts try to start Debian's own clamav-daemon,
+    # clamav-freshclam (which would then try to download signatures forever),
+    # rabbitmq-server and redis-server. With no init system running,
+    # invoke-rc.d already refuses ("No init system and policy-rc.d missing!
+    # Defaulting to block."); under sysvinit it would start them. smtpgw starts
+    # its own clamd, RabbitMQ and Redis below, so say "no" for the duration of
+    # the install in every case: exit 101 = action forbidden (see
+    # /usr/share/doc/init-system-helpers/README.policy-rc.d). An existing
+    # policy-rc.d belongs to the machine and is left alone.
     if [ ! -e /usr/sbin/policy-rc.d ]; then
         printf '#!/bin/sh\n# Temporary, from smtpgw scripts/setup.sh: no service starts during apt-get install.\nexit 101\n' \
             >/usr/sbin/policy-rc.d
@@ -142,6 +156,29 @@ if [ "$WITH_RABBITMQ" = 1 ]; then
             die "RabbitMQ did not answer on 127.0.0.1:$RABBITMQ_PORT within 180s (logs: /var/log/rabbitmq/)"
         fi
         say "RabbitMQ: answering on 127.0.0.1:$RABBITMQ_PORT"
+    fi
+fi
+
+if [ "$WITH_REDIS" = 1 ]; then
+    if port_open 127.0.0.1 "$REDIS_PORT"; then
+        say "Redis: already answering on 127.0.0.1:$REDIS_PORT"
+    else
+        # The project's own Redis, its files under var/redis/ like clamd's under
+        # var/clamd/. appendonly: the delivery ledger must survive a restart.
+        redis_dir="$(pwd)/var/redis"
+        mkdir -p "$redis_dir"
+        say "Redis: starting (state and log in var/redis/)"
+        redis-server --daemonize yes --bind 127.0.0.1 --port "$REDIS_PORT" --dir "$redis_dir" \
+            --pidfile "$redis_dir/redis.pid" --logfile "$redis_dir/redis.log" --appendonly yes --save ""
+        for _ in $(seq 1 60); do
+            port_open 127.0.0.1 "$REDIS_PORT" && break
+            sleep 0.5
+        done
+        if ! port_open 127.0.0.1 "$REDIS_PORT"; then
+            tail -n 20 "$redis_dir/redis.log" >&2 || true
+            die "Redis did not answer on 127.0.0.1:$REDIS_PORT within 30s (log: var/redis/redis.log)"
+        fi
+        say "Redis: answering on 127.0.0.1:$REDIS_PORT (pid $(cat "$redis_dir/redis.pid"))"
     fi
 fi
 

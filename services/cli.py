@@ -31,6 +31,10 @@ def _config(path: str | None) -> Config:
     return load_config(path)
 
 
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds")
+
+
 def _cmd_check_config(args: argparse.Namespace) -> int:
     config = _config(args.config)
     print(f"{config.source}: OK")
@@ -51,25 +55,27 @@ def _cmd_quarantine(args: argparse.Namespace) -> int:
     config = _config(args.config)
     store = QuarantineStore(config.quarantine.dir)
     if args.action == "list":
-        rows = [
-            {
-                "id": e.queue_id,
-                "category": e.category,
-                "quarantined_at": datetime.fromtimestamp(e.quarantined_at, UTC).isoformat(timespec="seconds"),
-                "from": e.envelope.mail_from,
-                "to": list(e.envelope.rcpt_to),
-                "size": e.envelope.size,
-                "reason": e.reason,
-            }
-            for e in store.entries(args.category)
-        ]
+        entries = list(store.entries(args.category))
         if args.json:
+            rows = [
+                {
+                    "id": e.queue_id,
+                    "category": e.category,
+                    "quarantined_at": _iso(e.quarantined_at),
+                    "from": e.envelope.mail_from,
+                    "to": list(e.envelope.rcpt_to),
+                    "size": e.envelope.size,
+                    "reason": e.reason,
+                }
+                for e in entries
+            ]
             print(json.dumps(rows, indent=2))
-        else:
-            for r in rows:
-                print(f"{r['id']}  {r['category']:<11} {r['quarantined_at']}  <{r['from']}> -> {', '.join(r['to'])}")
-                print(f"    {r['reason']}")
-            print(f"{len(rows)} message(s)")
+            return 0
+        for e in entries:
+            rcpts = ", ".join(e.envelope.rcpt_to)
+            print(f"{e.queue_id}  {e.category:<11} {_iso(e.quarantined_at)}  <{e.envelope.mail_from}> -> {rcpts}")
+            print(f"    {e.reason}")
+        print(f"{len(entries)} message(s)")
         return 0
     if args.action == "purge":
         print(f"purged {store.purge(config.quarantine.retention)} message(s)")

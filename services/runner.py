@@ -56,6 +56,11 @@ def start_consumers(config: Config, roles: set[str], transport: Transport, threa
 
         quarantine = Quarantine(config)
         transport.consume(Queue.QUARANTINE, quarantine.handle, 1)
+        try:
+            # Poison messages land on dead; the quarantine files them under "dead" with their reason.
+            transport.consume(Queue.DEAD, quarantine.handle_dead, 1)
+        except ValueError:
+            log.info("poison messages stay on the %s queue of this transport (smtpgw queue counts them)", Queue.DEAD)
         quarantine.start_purger()
         running.closers.append(quarantine.close)
     transport.start()
@@ -75,7 +80,14 @@ def run(config: Config, roles: set[str], threads: int | None = None) -> int:
     """Run until SIGTERM or SIGINT; returns the process exit code."""
     transport = open_transport(config)
     if config.metrics.enabled:
-        REGISTRY.register(QueueDepthCollector([q.value for q in Queue], lambda q: transport.depth(Queue(q))))
+        consumers = getattr(transport, "consumers", None)  # the broker counts the consumers of each queue
+        REGISTRY.register(
+            QueueDepthCollector(
+                [q.value for q in Queue],
+                lambda q: transport.depth(Queue(q)),
+                (lambda q: int(consumers(Queue(q)))) if consumers is not None else None,
+            )
+        )
         serve(config.metrics.listen.host, config.metrics.listen.port)
     running = start_consumers(config, roles - {"receiver"}, transport, threads)
     log.info("started %s", ", ".join(sorted(roles)))

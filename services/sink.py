@@ -24,21 +24,24 @@ _counter = itertools.count()
 
 class SinkHandler:
     def __init__(self, directory: str) -> None:
-        self.directory = directory
+        self.directory = os.path.abspath(directory)
         for sub in ("tmp", "new"):
             os.makedirs(os.path.join(directory, sub), exist_ok=True)
 
     async def handle_DATA(self, server: SMTP, session: Any, envelope: Any) -> str:
         name = f"{time.time():.6f}.{os.getpid()}.{next(_counter)}.eml"
-        head = f"X-Sink-Mail-From: <{envelope.mail_from}>\r\nX-Sink-Rcpt-To: " + ", ".join(
-            f"<{r}>" for r in envelope.rcpt_tos
-        )
+        # aiosmtpd hands over the null reverse-path as "<>" already.
+        sender = envelope.mail_from if envelope.mail_from.startswith("<") else f"<{envelope.mail_from}>"
+        head = f"X-Sink-Mail-From: {sender}\r\nX-Sink-Rcpt-To: " + ", ".join(f"<{r}>" for r in envelope.rcpt_tos)
         data = head.encode("utf-8", "surrogateescape") + b"\r\n" + bytes(envelope.original_content)
+        await asyncio.to_thread(self._store, name, data)
+        return "250 2.0.0 Ok: stored"
+
+    def _store(self, name: str, data: bytes) -> None:
         tmp = os.path.join(self.directory, "tmp", name)
         with open(tmp, "wb") as fh:
             fh.write(data)
         os.rename(tmp, os.path.join(self.directory, "new", name))
-        return "250 2.0.0 Ok: stored"
 
 
 async def _serve(listen: HostPort, directory: str) -> None:
@@ -53,7 +56,7 @@ async def _serve(listen: HostPort, directory: str) -> None:
     stopping = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
-    print(f"sink: listening on {listen}, writing to {os.path.abspath(directory)}/new/", flush=True)
+    print(f"sink: listening on {listen}, writing to {handler.directory}/new/", flush=True)
     await stopping.wait()
     server.close()
     await server.wait_closed()

@@ -12,6 +12,7 @@ on: extend them, never rename them. `etc/smtpgw.example.toml` documents each.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import ipaddress
 import os
@@ -201,6 +202,14 @@ def _broker_url(value: object) -> str:
     raise ValueError(f"{text!r} is not 'embedded' or 'amqp://user:pass@host:port/vhost'")
 
 
+def _ledger(value: object) -> str:
+    text = _str(value)
+    url = urlsplit(text)
+    if text == "file" or (url.scheme in ("redis", "rediss") and url.hostname) or (url.scheme == "unix" and url.path):
+        return text
+    raise ValueError(f"{text!r} is not 'file', 'redis://host:port/db' or 'unix:///path/to/redis.sock'")
+
+
 def _template(value: object) -> str:
     text = _str(value)
     if "%FILENAME%" not in text:
@@ -222,7 +231,7 @@ DEFAULT_ACTIONS = {
 
 def _actions(value: object) -> Mapping[str, str]:
     if not isinstance(value, dict):
-        raise ValueError("expected a table like { virus = \"strip\" }")
+        raise ValueError('expected a table like { virus = "strip" }')
     merged = dict(DEFAULT_ACTIONS)
     for key, action in value.items():
         if key not in DEFAULT_ACTIONS:
@@ -318,6 +327,7 @@ class ScannerConfig:
     actions: Mapping[str, str] = setting({}, _actions)
     virus_text: str = setting("The attachment (%FILENAME%) was infected with a virus and removed.", _template)
     blocked_text: str = setting("The attachment (%FILENAME%) was blocked by the mail policy and removed.", _template)
+    rules_dir: str = setting("", _str)
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,12 +341,78 @@ class DeliveryConfig:
     nameservers: tuple[HostPort, ...] = setting([], _list(parse_hostport))
     dns_timeout: float = setting("10s", parse_duration)
     mx_port: int = setting(25, _int(1))
+    ledger: str = setting("file", _ledger)
 
 
 @dataclass(frozen=True, slots=True)
 class QuarantineConfig:
     dir: str = setting("var/quarantine", _str)
     retention: float = setting("60d", parse_duration)
+
+
+# ClamAV database files by extension (libclamav's CLI_DBEXT): what clamd loads from its DatabaseDirectory.
+CLAMAV_DB_EXTENSIONS = frozenset([
+    "cvd", "cld", "cud", "hdb", "hdu", "hsb", "hsu", "mdb", "mdu", "msb", "msu", "ndb", "ndu", "ldb", "ldu", "cdb",
+    "idb", "ioc", "pdb", "gdb", "wdb", "ftm", "fp", "sfp", "cbc", "crb", "cat", "ign", "ign2", "imp", "yar", "yara",
+    "pwdb", "info", "cfg",
+])  # fmt: skip
+
+
+def _fetch_url(value: object) -> str:
+    text = _str(value)
+    url = urlsplit(text)
+    if (url.scheme in ("http", "https") and url.hostname) or (url.scheme == "file" and url.path):
+        return text
+    raise ValueError(f"{text!r} is not an http://, https:// or file:// URL")
+
+
+def _optional_fetch_url(value: object) -> str:
+    return "" if value == "" else _fetch_url(value)
+
+
+def _signature_url(value: object) -> str:
+    text = _fetch_url(value)
+    name = urlsplit(text).path.rsplit("/", 1)[-1]
+    if name.rpartition(".")[2].lower() not in CLAMAV_DB_EXTENSIONS or name.startswith("smtpgw-version."):
+        raise ValueError(f"{text!r} does not name a ClamAV database file (.hsb, .ndb, .ldb, .hdb, .cdb, ...)")
+    return text
+
+
+def _ed25519_key(value: object) -> str:
+    text = _str(value).strip()
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except ValueError:
+        raise ValueError("is not base64") from None
+    if len(raw) != 32:
+        raise ValueError(f"is {len(raw)} bytes, an Ed25519 public key is 32 (base64 of the raw key)")
+    return text
+
+
+@dataclass(frozen=True, slots=True)
+class UpdaterConfig:
+    interval: float = setting("1h", parse_duration)
+    jitter: float = setting("5m", parse_duration)
+    database_dir: str = setting("var/clamav", _str)
+    keep_versions: int = setting(3, _int(1))
+    signature_urls: tuple[str, ...] = setting([], _list(_signature_url))
+    freshclam: bool = setting(False, _bool)
+    freshclam_config: str = setting("", _str)
+    freshclam_official: bool = setting(True, _bool)
+    bundle_url: str = setting("", _optional_fetch_url)
+    bundle_public_keys: tuple[str, ...] = setting([], _list(_ed25519_key))
+    allow_unsigned: bool = setting(False, _bool)
+    canaries_dir: str = setting("", _str)
+    clean_canaries_dir: str = setting("", _str)
+    clamd: tuple[str, ...] = setting([], _list(_clamd_address))
+    reload_timeout: float = setting("2m", parse_duration)
+    timeout: float = setting("60s", parse_duration)
+    retries: int = setting(3, _int(1))
+    retry_wait: float = setting("2s", parse_duration)
+    max_download_size: int = setting("512MiB", parse_size)
+    max_age: float = setting("6h", parse_duration)
+    report_window: float = setting("5s", parse_duration)
+    state_dir: str = setting("var/updater", _str)
 
 
 @dataclass(frozen=True, slots=True)
@@ -359,6 +435,7 @@ class Config:
     scanner: ScannerConfig = field(default_factory=ScannerConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     quarantine: QuarantineConfig = field(default_factory=QuarantineConfig)
+    updater: UpdaterConfig = field(default_factory=UpdaterConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     source: str = "<defaults>"
@@ -371,6 +448,7 @@ SECTIONS: dict[str, type] = {
     "scanner": ScannerConfig,
     "delivery": DeliveryConfig,
     "quarantine": QuarantineConfig,
+    "updater": UpdaterConfig,
     "metrics": MetricsConfig,
     "logging": LoggingConfig,
 }
@@ -463,9 +541,31 @@ def _cross_checks(s: dict[str, Any], source: str) -> list[str]:
         problems.append(f"{source}:delivery.max_queue_lifetime: must not be shorter than delivery.retry_interval")
     if receiver.data_memory_budget < receiver.max_message_size:
         problems.append(f"{source}:receiver.data_memory_budget: must be at least receiver.max_message_size")
+    problems.extend(_updater_checks(s["updater"], s["scanner"], source))
+    return problems
+
+
+def _updater_checks(updater: UpdaterConfig, scanner: ScannerConfig, source: str) -> list[str]:
+    problems = []
+    if updater.interval <= 0:
+        problems.append(f"{source}:updater.interval: must be longer than 0s")
+    if updater.bundle_url and not scanner.rules_dir:
+        problems.append(f"{source}:updater.bundle_url: needs scanner.rules_dir, the directory bundles are installed in")
+    if updater.bundle_url and not updater.bundle_public_keys and not updater.allow_unsigned:
+        problems.append(
+            f"{source}:updater.bundle_public_keys: needed to verify updater.bundle_url"
+            " (or set updater.allow_unsigned = true to accept unsigned bundles)"
+        )
+    names = [urlsplit(u).path.rsplit("/", 1)[-1] for u in updater.signature_urls]
+    for name in sorted({n for n in names if names.count(n) > 1}):
+        problems.append(f"{source}:updater.signature_urls: two URLs name the same file {name!r}")
+    if updater.freshclam and updater.freshclam_config and not os.path.isfile(updater.freshclam_config):
+        problems.append(f"{source}:updater.freshclam_config: {updater.freshclam_config!r} is not a file")
     return problems
 
 
 def describe_defaults() -> dict[str, dict[str, str]]:
     """Key -> documentation, per section (used by tests to keep the example file complete)."""
-    return {name: {f.name: f.metadata.get("doc", "") for f in dataclasses.fields(cls)} for name, cls in SECTIONS.items()}
+    return {
+        name: {f.name: f.metadata.get("doc", "") for f in dataclasses.fields(cls)} for name, cls in SECTIONS.items()
+    }

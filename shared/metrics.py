@@ -7,7 +7,8 @@ addresses and queue ids are never labels.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
@@ -45,6 +46,19 @@ BOUNCES = Counter("smtpgw_delivery_bounces_total", "Delivery status notification
 # quarantine
 QUARANTINED = Counter("smtpgw_quarantine_messages_total", "Messages put in quarantine", ["category"])
 
+# scanner rules (services/scanner/rules.py)
+SCANNER_RULES_RELOADS = Counter(
+    "smtpgw_scanner_rules_reloads_total", "Rule bundle loads by a scanner", ["result"]
+)  # result: loaded, unchanged, failed (the rules in force stay)
+SCANNER_RULES_VERSION = Gauge("smtpgw_scanner_rules_version_info", "Rule bundle in force (1)", ["version"])
+
+# updater
+UPDATER_RUNS = Counter(
+    "smtpgw_updater_runs_total", "Update attempts per component", ["component", "result"]
+)  # component: signatures, rules; result: see UPDATE_RESULTS
+UPDATER_DOWNLOAD_RETRIES = Counter("smtpgw_updater_download_retries_total", "Downloads tried again", ["reason"])
+UPDATE_RESULTS = ("activated", "unchanged", "refused", "failed", "rolled_back")
+
 # transport
 JOBS = Counter("smtpgw_queue_jobs_total", "Jobs finished by consumers", ["queue", "result"])
 
@@ -56,11 +70,16 @@ BROKER_PUBLISH_FAILURES = Counter(
 
 
 class QueueDepthCollector(Collector):
-    """Reports `smtpgw_queue_depth{queue}` by asking the transport at scrape time."""
+    """Reports `smtpgw_queue_depth{queue}` and, where the transport can tell (RabbitMQ: the
+    `consumer_count` of a passive queue.declare, no management plugin needed),
+    `smtpgw_queue_consumers{queue}`, by asking the transport at scrape time."""
 
-    def __init__(self, queues: Iterable[str], depth: Callable[[str], int]) -> None:
+    def __init__(
+        self, queues: Iterable[str], depth: Callable[[str], int], consumers: Callable[[str], int] | None = None
+    ) -> None:
         self._queues = list(queues)
         self._depth = depth
+        self._consumers = consumers
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         family = GaugeMetricFamily("smtpgw_queue_depth", "Messages waiting per queue", labels=["queue"])
@@ -70,6 +89,65 @@ class QueueDepthCollector(Collector):
             except GatewayError:
                 continue  # broker unreachable: leave the series out rather than fail the whole scrape
         yield family
+        if self._consumers is not None:
+            consumers = GaugeMetricFamily(
+                "smtpgw_queue_consumers", "Consumers subscribed per queue, over all processes", labels=["queue"]
+            )
+            for q in self._queues:
+                try:
+                    consumers.add_metric([q], self._consumers(q))
+                except GatewayError:
+                    continue
+            yield consumers
+
+
+class UpdaterCollector(Collector):
+    """The updater's state, read at scrape time from what `status()` returns, so the numbers are
+    the same as `smtpgw update status` prints, also after an update run by hand in another process.
+
+    `status()` returns {"max_age": seconds, "signatures": count or None, "components": {name:
+    {"last_success": ts, "last_attempt": ts, "result": one of UPDATE_RESULTS or "", "version": str}}}.
+    """
+
+    def __init__(self, status: Callable[[], Mapping[str, Any]]) -> None:
+        self._status = status
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        try:
+            status = self._status()
+        except (GatewayError, OSError):
+            return
+        success = GaugeMetricFamily(
+            "smtpgw_updater_last_success_timestamp_seconds",
+            "When an update of the component last succeeded (activated, or nothing new); 0: never",
+            labels=["component"],
+        )
+        attempt = GaugeMetricFamily(
+            "smtpgw_updater_last_attempt_timestamp_seconds", "When an update was last tried", labels=["component"]
+        )
+        result = GaugeMetricFamily(
+            "smtpgw_updater_last_attempt_result", "Result of the last attempt (1 for it, 0 for the others)",
+            labels=["component", "result"],
+        )  # fmt: skip
+        version = GaugeMetricFamily(
+            "smtpgw_updater_active_version_info", "Active version per component (1)", labels=["component", "version"]
+        )
+        for name, c in sorted(status.get("components", {}).items()):
+            success.add_metric([name], float(c.get("last_success") or 0))
+            attempt.add_metric([name], float(c.get("last_attempt") or 0))
+            for r in UPDATE_RESULTS:
+                result.add_metric([name, r], 1.0 if c.get("result") == r else 0.0)
+            if c.get("version"):
+                version.add_metric([name, str(c["version"])], 1.0)
+        yield from (success, attempt, result, version)
+        yield GaugeMetricFamily(
+            "smtpgw_updater_max_age_seconds", "[updater] max_age: longest acceptable time without a successful update",
+            value=float(status.get("max_age", 0)),
+        )  # fmt: skip
+        if status.get("signatures") is not None:
+            yield GaugeMetricFamily(
+                "smtpgw_updater_signatures", "Signatures in the active signature set", value=float(status["signatures"])
+            )
 
 
 def serve(host: str, port: int, registry: CollectorRegistry = REGISTRY) -> None:

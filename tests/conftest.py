@@ -60,4 +60,4 @@ def rabbitmq_url() -> str:
 def spool_dir(tmp_path: Path) -> Iterator[Path]:
     path = tmp_path / "spool"
     path.mkdir()
-    yield path
+    return path

@@ -51,7 +51,9 @@ class CaptureHandler:
     lock: threading.Lock = field(default_factory=threading.Lock)
     arrived: threading.Condition = field(default_factory=threading.Condition)
 
-    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]) -> str:
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
         reply = self.rcpt_reply(address)
         if reply:
             return reply
@@ -64,7 +66,12 @@ class CaptureHandler:
             return reply
         with self.arrived:
             self.messages.append(
-                Captured(envelope.mail_from or "", list(envelope.rcpt_tos), bytes(envelope.original_content or b""), str(session.peer))
+                Captured(
+                    envelope.mail_from or "",
+                    list(envelope.rcpt_tos),
+                    bytes(envelope.original_content or b""),
+                    str(session.peer),
+                )
             )
             self.arrived.notify_all()
         return "250 2.0.0 OK captured"
@@ -81,7 +88,9 @@ class CaptureHandler:
 
 
 @contextlib.contextmanager
-def capture_server(host: str = "127.0.0.1", port: int = 0, **handler_kwargs: object) -> Iterator[tuple[CaptureHandler, int]]:
+def capture_server(
+    host: str = "127.0.0.1", port: int = 0, **handler_kwargs: object
+) -> Iterator[tuple[CaptureHandler, int]]:
     """A real aiosmtpd server on loopback; yields (handler, port)."""
     handler = CaptureHandler(**handler_kwargs)  # type: ignore[arg-type]
     port = port or free_port(host)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import os
 import random
 import threading
 import time
@@ -30,7 +29,7 @@ from services.delivery.backoff import expiry
 from services.delivery.bounce import build_dsn, dsn_envelope, suppression_reason
 from services.delivery.classify import Outcome, RcptResult, Reply
 from services.delivery.disposition import plan
-from services.delivery.ledger import DeliveryLedger, FileLedger
+from services.delivery.ledger import LEDGER_GRACE_SECONDS, DeliveryLedger, open_ledger
 from services.delivery.mx import MxResolver
 from services.delivery.routing import Destination, Hop, group_recipients
 from services.delivery.smtp_client import SmtpClient, Transaction
@@ -50,8 +49,14 @@ T = TypeVar("T")
 _STATUS = {Outcome.DELIVERED: "sent", Outcome.TEMPORARY: "deferred", Outcome.PERMANENT: "bounced"}
 
 # Delivered-recipient records outlive the message's lifetime by this much, then are purged.
-LEDGER_GRACE = timedelta(days=1)
+LEDGER_GRACE = timedelta(seconds=LEDGER_GRACE_SECONDS)
 PURGE_EVERY = 3600.0
+# The ledger cannot be asked (Redis down): try the message again after this long rather than
+# risk sending it twice.
+LEDGER_RETRY = 30.0
+# Another worker of this process is delivering a copy of the same message (a scanner that died
+# after its output was confirmed but before its ack leaves two): wait for it, then ask the ledger.
+BUSY_RETRY = 2.0
 
 
 class _LoopThread:
@@ -103,9 +108,9 @@ class Delivery:
     ) -> None:
         self._config = config.delivery
         self._helo = config.delivery.helo_name or config.receiver.hostname
-        self._ledger: DeliveryLedger = ledger or FileLedger(
-            os.path.join(config.spool.dir, "delivered"), fsync=config.spool.fsync
-        )
+        self._ledger: DeliveryLedger = ledger or open_ledger(config)
+        self._busy: set[str] = set()  # queue ids a worker of this process is delivering right now
+        self._busy_lock = threading.Lock()
         self._now = clock or (lambda: datetime.now(UTC))
         self._rng = rng or random.Random()
         self._client = SmtpClient(self._helo, self._config.timeout)
@@ -131,7 +136,20 @@ class Delivery:
         env = job.envelope
         with bound(queue_id=env.queue_id):
             self._maybe_purge()
-            todo: list[str] = []
+            with self._busy_lock:
+                if env.queue_id in self._busy:
+                    raise RetryLater("a copy of this message is being delivered right now", BUSY_RETRY)
+                self._busy.add(env.queue_id)
+            try:
+                return self._deliver(job)
+            finally:
+                with self._busy_lock:
+                    self._busy.discard(env.queue_id)
+
+    def _deliver(self, job: Job) -> list[Output]:
+        env = job.envelope
+        todo: list[str] = []
+        try:
             for rcpt in dict.fromkeys(env.rcpt_to):  # each recipient once, in order
                 if self._ledger.was_delivered(env.queue_id, rcpt):
                     # Delivered before a crash or a redelivery: sending again would duplicate it.
@@ -139,28 +157,31 @@ class Delivery:
                     self._log_line(env, rcpt, "none", "2.0.0", "duplicate", "already delivered; not sent again")
                 else:
                     todo.append(rcpt)
-            if not todo:
-                return []
-            results = self._attempt(env, job.body, todo)
-            now = self._now()
-            outcome = plan(
-                env,
-                job.body,
-                results,
-                now=now,
-                expires_at=expiry(env, self._config.max_queue_lifetime),
-                retry_interval=self._config.retry_interval,
-                spread=self._rng.random(),
+        except SpoolError as exc:
+            # Without the ledger's answer a redelivered message might go out twice: wait for it.
+            raise RetryLater(f"cannot ask the delivery ledger: {exc}", LEDGER_RETRY) from None
+        if not todo:
+            return []
+        results = self._attempt(env, job.body, todo)
+        now = self._now()
+        outcome = plan(
+            env,
+            job.body,
+            results,
+            now=now,
+            expires_at=expiry(env, self._config.max_queue_lifetime),
+            retry_interval=self._config.retry_interval,
+            spread=self._rng.random(),
+        )
+        for result in outcome.results:
+            DELIVERY_ATTEMPTS.labels(result=_STATUS[result.outcome]).inc()
+            self._log_line(
+                env, result.rcpt, result.relay, result.reply.status, _STATUS[result.outcome], str(result.reply)
             )
-            for result in outcome.results:
-                DELIVERY_ATTEMPTS.labels(result=_STATUS[result.outcome]).inc()
-                self._log_line(
-                    env, result.rcpt, result.relay, result.reply.status, _STATUS[result.outcome], str(result.reply)
-                )
-            if outcome.suppressed:
-                BOUNCES.labels(result="suppressed").inc()
-                event(log, f"queue_id={env.queue_id} no bounce: {outcome.suppressed}", queue_id=env.queue_id)
-            return list(outcome.outputs)
+        if outcome.suppressed:
+            BOUNCES.labels(result="suppressed").inc()
+            event(log, f"queue_id={env.queue_id} no bounce: {outcome.suppressed}", queue_id=env.queue_id)
+        return list(outcome.outputs)
 
     def _attempt(self, env: Envelope, body: bytes, rcpts: Sequence[str]) -> list[RcptResult]:
         grouping = group_recipients(rcpts, self._config.routes, self._config.mx_port)
@@ -276,3 +297,4 @@ class Delivery:
             log.warning("closing pooled SMTP connections timed out")
         finally:
             self._loop.stop()
+            self._ledger.close()

@@ -4,7 +4,8 @@ Layout: `<dir>/<category>/<queue_id>`, one file per message in the spool
 file format (envelope with its verdicts, then the original bytes), written
 tmp -> fsync -> rename so an entry is either whole or absent. The category
 (virus, attachment, archive, encrypted, unscannable, limits, dead, ...) is the
-directory; the reasons are the envelope's verdicts; the quarantine time is the
+directory; the reasons are the envelope's verdicts (for "dead", the poison
+messages off the dead queue, its `last_error`); the quarantine time is the
 file's mtime, which the retention purge reads.
 
 The `smtpgw quarantine list|show|release|delete|purge` verbs and the
@@ -42,7 +43,13 @@ class Entry:
 
     @property
     def reason(self) -> str:
+        if self.category == DEAD:
+            return self.envelope.last_error or "moved to dead without a reason"
         return "; ".join(f"{v.category}: {v.reason}" for v in self.envelope.verdicts if v.action != Action.DELIVER)
+
+
+# The category of poison messages: jobs that crashed their consumer MAX_CRASHES times.
+DEAD = "dead"
 
 
 def category_of(envelope: Envelope) -> str:
@@ -50,15 +57,17 @@ def category_of(envelope: Envelope) -> str:
     for verdict in envelope.verdicts:
         if verdict.action in (Action.QUARANTINE, Action.STRIP, Action.DELETE):
             return verdict.category
-    return "dead" if envelope.last_error else "other"
+    return DEAD if envelope.last_error else "other"
 
 
 class QuarantineStore:
     def __init__(self, root: str) -> None:
         self.root = os.path.abspath(root)
 
-    def put(self, envelope: Envelope, body: bytes) -> Entry:
-        category = category_of(envelope)
+    def put(self, envelope: Envelope, body: bytes, category: str | None = None) -> Entry:
+        """Store a message under `category` (default: `category_of` its verdicts), replacing an
+        entry of the same id and category (a job retried after a crash stores it again)."""
+        category = category or category_of(envelope)
         if not _SAFE_ID.fullmatch(envelope.queue_id) or not _SAFE_ID.fullmatch(category):
             raise QuarantineError(f"refusing unsafe name {category}/{envelope.queue_id}")
         folder = os.path.join(self.root, category)

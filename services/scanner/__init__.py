@@ -12,6 +12,7 @@ and hands them on to `deliver` (as received, or with attachments removed) or
     filenames.py    pure: RFC 2231/2047 file names, Windows extension rules
     magic.py        pure: executables and archives by content
     rebuild.py      pure: replace parts by notices, record findings in a header
-    reply.py        pure: clamd replies as typed results, signature categories
-    clamd.py        adapter: clamd INSTREAM/PING/VERSION/RELOAD over TCP or Unix
+    reply.py        pure: what the core needs from clamd, signature categories
+    rules.py        the current rules (config + the active rule bundle), reloaded live
+    (the clamd adapter, shared with the updater, is shared/clamd.py)
 """

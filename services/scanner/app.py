@@ -26,9 +26,10 @@ import threading
 import time
 from collections.abc import Sequence
 
-from services.scanner.clamd import ClamdClient
 from services.scanner.core import Outcome, scan_message
 from services.scanner.reply import VirusScanner
+from services.scanner.rules import LiveRules
+from shared.clamd import ClamdClient
 from shared.config import Config
 from shared.envelope import Action
 from shared.errors import RetryLater, ScanError, ScanLimitExceeded
@@ -46,13 +47,19 @@ def open_clamd(config: Config) -> ClamdClient:
     return ClamdClient(config.scanner.clamd, config.scanner.clamd_timeout)
 
 
-def build_handler(config: Config, clamd: VirusScanner) -> Handler:
-    """The `scan` queue's job handler. Thread-safe: the transport calls it from its workers."""
-    settings = config.scanner
+def build_handler(config: Config, clamd: VirusScanner, rules: LiveRules | None = None) -> Handler:
+    """The `scan` queue's job handler. Thread-safe: the transport calls it from its workers.
+
+    `rules` are the live rules (`[scanner]` with the active rule bundle applied, replaced when
+    the updater installs a new one); each message is scanned with the rules in force when it
+    starts. Without them, the `[scanner]` settings apply as they are.
+    """
+    static = config.scanner
     outage = _OutageLog()
 
     def handle(job: Job) -> Sequence[Output]:
         env = job.envelope
+        settings = rules.settings() if rules is not None else static
         with bound(queue_id=env.queue_id):
             started = time.monotonic()
             try:

@@ -33,7 +33,8 @@ from services.scanner.filenames import clean_for_display
 from services.scanner.mime import inspect
 from services.scanner.policy import archives, attachments, limits, virus
 from services.scanner.rebuild import FINDINGS_HEADER, add_headers, replace_parts
-from services.scanner.reply import ScanResult, VirusScanner, category_of
+from services.scanner.reply import VirusScanner, category_of
+from shared.clamd import ScanResult
 from shared.config import ScannerConfig
 from shared.envelope import Action, Verdict
 

@@ -195,6 +195,10 @@ class Link:
         """Ready messages on `queue` (a passive declare: no management plugin needed)."""
         return int(self._channel.queue_declare(queue, passive=True).method.message_count)
 
+    def consumers(self, queue: str) -> int:
+        """Consumers subscribed to `queue`, from the same passive declare."""
+        return int(self._channel.queue_declare(queue, passive=True).method.consumer_count)
+
     def browse(self, queue: str, limit: int, decode: Callable[[bytes], T]) -> builtins.list[T]:
         """Up to `limit` messages, decoded, left on the queue (closing the channel returns them).
         `decode` raising ValueError skips a message."""

@@ -14,6 +14,14 @@ in our header (the job is republished to a delay queue, so the count must
 travel with it); a consumer that died or lost its connection is counted by the
 quorum queue's `x-delivery-count`. At MAX_CRASHES the job goes to dead, with
 `last_error` saying why.
+
+The dead queue may have a consumer too: the quarantine service files each
+poison message away with its reason (category "dead"), where `smtpgw
+quarantine` shows it. Nothing leaves dead for dead again: a dead consumer
+that fails is retried after DEAD_RETRY however often, an undecodable frame
+is handed to it under a stand-in envelope (`stand_in`), and a message the
+broker itself dead-lettered (its delivery limit) gets its reason from the
+broker's `x-death` header.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -31,6 +40,7 @@ import traceback
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import pika
@@ -49,7 +59,7 @@ from shared.broker.publisher import (
 )
 from shared.broker.topology import DELAY, Names, Topology, delay_bucket
 from shared.config import BrokerConfig
-from shared.envelope import Envelope
+from shared.envelope import Client, Envelope
 from shared.errors import BrokerError, ConfigError, EnvelopeDecodeError, RetryLater
 from shared.logging import bound
 from shared.metrics import JOBS
@@ -68,6 +78,7 @@ DELIVERY_COUNT = "x-delivery-count"  # set by quorum queues: how often the messa
 PROBE_INTERVAL = 1.0  # accepting() asks the broker at most this often
 RETRY_GRACE = 2.0  # wait_idle: after its due time a retry counts as back even if another process took it
 STORE_ATTEMPTS = 5  # a worker tries this often to store its outputs before returning the job
+DEAD_RETRY = 300.0  # a dead message its consumer could not take waits this long before the next try
 
 
 @dataclass(eq=False)
@@ -92,6 +103,34 @@ class _Delivery:
     ack_requested: bool = False
 
 
+def stand_in(frame: bytes, reason: str) -> Envelope:
+    """An envelope for a frame that has none we can read, so that it can be quarantined with its
+    reason like any poison message. No recipients: it can be inspected and deleted, not released."""
+    digest = hashlib.sha256(frame).hexdigest()
+    return Envelope(
+        queue_id=f"undecodable-{digest[:24]}",  # the same frame always gets the same id
+        received_at=datetime.now(UTC),
+        client=Client(ip="0.0.0.0"),
+        mail_from="",
+        rcpt_to=(),
+        size=len(frame),
+        sha256=digest,
+        last_error=reason,
+    )
+
+
+def death_reason(headers: Mapping[str, Any]) -> str:
+    """Why the broker dead-lettered a message, from its `x-death` header (RabbitMQ's own record)."""
+    deaths = headers.get("x-death") or []
+    if not deaths or not isinstance(deaths[0], Mapping):
+        return "dead: no reason recorded"
+    death = deaths[0]
+    queue = str(death.get("queue", "?"))
+    reason = death.get("reason", "?")
+    reason = reason.decode() if isinstance(reason, bytes) else str(reason)
+    return f"{queue}: dead-lettered by the broker ({reason}, {death.get('count', 1)} time(s))"
+
+
 def _decode_envelope(data: bytes) -> Envelope:
     try:
         return unpack(data)[0]
@@ -108,6 +147,7 @@ class BrokerTransport(Transport):
         *,
         retry_interval: float,
         crash_delay: float = 1.0,
+        dead_retry: float = DEAD_RETRY,
         publishers: int = PUBLISHERS,
         name: str = "",
     ) -> None:
@@ -126,6 +166,7 @@ class BrokerTransport(Transport):
         self._config = config
         self._retry_interval = retry_interval
         self._crash_delay = crash_delay
+        self._dead_retry = dead_retry
         self._label = f"smtpgw {name or config.namespace}"
         self._timeout = max(1.0, config.confirm_timeout)
         self._topology = Topology(self.names, retry_interval=retry_interval, delivery_limit=config.delivery_limit)
@@ -211,6 +252,13 @@ class BrokerTransport(Transport):
         name = self.names.queue(queue)
         return self._publisher.call(lambda link: link.depth(name), self._config.confirm_timeout, f"depth of {queue}")
 
+    def consumers(self, queue: Queue) -> int:
+        """Consumers subscribed to `queue` across every process (scanner replicas, ...)."""
+        name = self.names.queue(queue)
+        return self._publisher.call(
+            lambda link: link.consumers(name), self._config.confirm_timeout, f"consumers of {queue}"
+        )
+
     def accepting(self) -> str | None:
         if self._publisher.closed:
             return "the broker transport is stopped"
@@ -256,7 +304,7 @@ class BrokerTransport(Transport):
     # ------------------------------------------------------------ consume
 
     def consume(self, queue: Queue, handler: Handler, workers: int) -> None:
-        if queue in (Queue.DEFERRED, Queue.DEAD):
+        if queue == Queue.DEFERRED:
             raise ValueError(f"{queue} is not consumed by handlers")
         consumer = _Consumer(queue, handler, workers)
         with self._lock:
@@ -432,6 +480,8 @@ class BrokerTransport(Transport):
         if token is not None:
             with self._cond:
                 self._pending_retries.pop(str(token), None)
+        if q == Queue.DEAD:
+            return self._process_dead(delivery, headers)
         try:
             envelope, body = unpack(delivery.body)
         except (EnvelopeDecodeError, ValueError) as exc:
@@ -467,6 +517,39 @@ class BrokerTransport(Transport):
                         headers = {CRASHES: crashes, LAST_ERROR: reason}
                         return self._retry(delivery, q, self._crash_delay * crashes, headers)
                     outputs = [Output(Queue.DEAD, envelope.replace(last_error=f"{q}: {reason}"), body)]
+            if not self._store([self._message(o.queue, o.envelope, o.body) for o in outputs], q):
+                return False
+            JOBS.labels(q.value, "done").inc()
+            return True
+
+    def _process_dead(self, delivery: _Delivery, headers: Mapping[str, Any]) -> bool:
+        """A dead message to its consumer (the quarantine). It never goes to dead again: whatever
+        fails, it waits on a delay queue and comes back here."""
+        q = Queue.DEAD
+        noted = str(headers.get(LAST_ERROR) or "")  # set when an undecodable job was moved here
+        try:
+            envelope, body = unpack(delivery.body)
+        except (EnvelopeDecodeError, ValueError) as exc:
+            envelope, body = stand_in(delivery.body, noted or f"dead: undecodable frame: {exc}"), delivery.body
+        if not envelope.last_error:
+            envelope = envelope.replace(last_error=noted or death_reason(headers))
+        crashes = int(headers.get(CRASHES, 0))
+        # A retry republishes the frame as it came: the reason found here travels beside it.
+        keep: dict[str, Any] = {LAST_ERROR: envelope.last_error}
+        with bound(queue_id=envelope.queue_id):
+            try:
+                outputs = list(delivery.consumer.handler(Job(q, envelope, body, crashes)))
+                if any(o.queue == Queue.DEAD for o in outputs):
+                    raise ValueError("a dead consumer may not put messages on dead")
+            except RetryLater as exc:
+                JOBS.labels(q.value, "retry").inc()
+                log.warning("dead message waits %.0fs: %s", exc.delay, exc.reason)
+                return self._retry(delivery, q, exc.delay, {**keep, CRASHES: crashes} if crashes else keep)
+            except Exception:
+                crashes += 1
+                JOBS.labels(q.value, "crash").inc()
+                log.exception("handler for dead crashed (%d); trying again in %.0fs", crashes, self._dead_retry)
+                return self._retry(delivery, q, self._dead_retry, {**keep, CRASHES: crashes})
             if not self._store([self._message(o.queue, o.envelope, o.body) for o in outputs], q):
                 return False
             JOBS.labels(q.value, "done").inc()

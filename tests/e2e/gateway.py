@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -110,12 +112,14 @@ class Gateway:
         self.config = write_config(workdir / "smtpgw.toml", base)
         self.processes: list[Process] = []
 
-    def spawn(self, *args: str, name: str | None = None) -> Process:
+    def spawn(self, *args: str, name: str | None = None, env: Mapping[str, str] | None = None) -> Process:
+        """Start `smtpgw <args> -c <config>`; `env` adds variables (e.g. SMTPGW_METRICS__LISTEN) for it alone."""
         name = name or "-".join(args)
         proc = Process(
             name,
             [sys.executable, "-m", "services.cli", *args, "-c", str(self.config)],
             self.workdir / f"{name}.log",
+            env=dict(env or {}),
         )
         proc.start()
         self.processes.append(proc)
@@ -147,9 +151,13 @@ class Gateway:
 
     def spool_files(self) -> int:
         root = self.workdir / "spool"
-        return sum(
-            1 for q in ("scan", "deliver", "deliver.deferred", "bounce", "quarantine") for n in os.listdir(root / q)
-        ) if root.exists() else 0
+        return (
+            sum(
+                1 for q in ("scan", "deliver", "deliver.deferred", "bounce", "quarantine") for n in os.listdir(root / q)
+            )
+            if root.exists()
+            else 0
+        )
 
 
 def metrics_text(port: int) -> str:
@@ -166,3 +174,62 @@ def wait_quiet(gateway: Gateway, timeout: float = 60) -> bool:
 
 def now() -> float:
     return time.monotonic()
+
+
+class TcpProxy:
+    """A TCP forwarder on 127.0.0.1:`listen_port` standing in for a peer (clamd), which a test can
+    take down like a stopped daemon (`stop`: the port refuses connections and the open ones are
+    cut mid-conversation) and bring back (`start`)."""
+
+    def __init__(self, listen_port: int, target_port: int) -> None:
+        self.listen_port = listen_port
+        self.target_port = target_port
+        self._server: socket.socket | None = None
+        self._open: set[socket.socket] = set()
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        server = socket.create_server(("127.0.0.1", self.listen_port))
+        self._server = server
+        threading.Thread(target=self._serve, args=(server,), daemon=True).start()
+
+    def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+        with self._lock:
+            cut, self._open = self._open, set()
+        for sock in cut:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def _serve(self, server: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = server.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
+                upstream.settimeout(None)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._open |= {client, upstream}
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+            with self._lock:
+                self._open -= {src, dst}

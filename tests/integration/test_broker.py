@@ -382,3 +382,144 @@ def test_undecodable_message_goes_to_dead_untouched(broker: Factory) -> None:
     assert body == b"\x00not a frame"
     assert properties.headers["smtpgw-last-error"].startswith("scan: ")
     assert sink.jobs == []
+
+
+# ---------------------------------------------------------------- dead -> quarantine
+
+
+def _quarantine(tmp_path: Path) -> Any:
+    from services.quarantine.app import Quarantine
+    from shared.config import load_config
+
+    return Quarantine(load_config(env={"SMTPGW_QUARANTINE__DIR": str(tmp_path / "quarantine")}))
+
+
+def test_poison_message_ends_in_quarantine_with_its_reason(broker: Factory, tmp_path: Path) -> None:
+    from services.quarantine.app import release
+
+    def explode(job: Job) -> list[Output]:
+        raise RuntimeError("parser exploded")
+
+    quarantine = _quarantine(tmp_path)
+    scanner, keeper = broker("scanner"), broker("quarantine")
+    scanner.consume(Queue.SCAN, explode, 1)
+    keeper.consume(Queue.DEAD, quarantine.handle_dead, 1)
+    scanner.start()
+    keeper.start()
+    envelope = make_envelope(b"poison")
+    scanner.publish(Queue.SCAN, envelope, b"poison")
+    assert wait_until(lambda: list(quarantine.store.entries("dead")), timeout=20)
+    assert scanner.wait_idle(10)
+    assert keeper.wait_idle(10)
+    assert transport_depths(scanner) == {Queue.SCAN: 0, Queue.DEAD: 0}
+    (entry,) = quarantine.store.entries()
+    assert (entry.queue_id, entry.category) == (envelope.queue_id, "dead")
+    assert entry.reason.startswith("scan: ")
+    assert "RuntimeError: parser exploded" in entry.reason
+    assert quarantine.store.read(envelope.queue_id)[1] == b"poison"
+    # Released, it goes back to the queue it died on (scan: it was never scanned), not to delivery.
+    release(quarantine.store, scanner, envelope.queue_id)
+    assert list(quarantine.store.entries()) == []
+    assert wait_until(lambda: list(quarantine.store.entries("dead")), timeout=20)  # and dies again
+
+
+def transport_depths(transport: BrokerTransport) -> dict[Queue, int]:
+    return {q: transport.depth(q) for q in (Queue.SCAN, Queue.DEAD)}
+
+
+def test_undecodable_and_broker_dead_lettered_messages_are_quarantined_too(broker: Factory, tmp_path: Path) -> None:
+    from services.quarantine.app import release
+    from services.quarantine.store import QuarantineError
+
+    quarantine = _quarantine(tmp_path)
+    transport = broker("both")
+    transport.consume(Queue.SCAN, Sink(), 1)
+    transport.consume(Queue.DEAD, quarantine.handle_dead, 1)
+    transport.start()
+    assert transport.wait_idle(10)
+    envelope = make_envelope(b"limit")
+    connection = pika.BlockingConnection(pika.URLParameters(broker.config.url))  # type: ignore[attr-defined]
+    try:
+        channel = connection.channel()
+        channel.basic_publish(
+            "", transport.names.queue(Queue.SCAN), b"\x00not a frame", pika.BasicProperties(delivery_mode=2)
+        )
+        # What RabbitMQ itself dead-letters (x-delivery-limit exceeded) carries only its x-death record.
+        from shared.spool import pack
+
+        death = {"queue": transport.names.queue(Queue.DELIVER), "reason": "delivery_limit", "count": 1}
+        channel.basic_publish(
+            "",
+            transport.names.queue(Queue.DEAD),
+            b"".join(pack(envelope, b"limit")),
+            pika.BasicProperties(delivery_mode=2, headers={"x-death": [death]}),
+        )
+    finally:
+        connection.close()
+    assert wait_until(lambda: len(list(quarantine.store.entries("dead"))) == 2, timeout=20)
+    assert transport.wait_idle(10)
+    entries = {e.queue_id: e for e in quarantine.store.entries()}
+    garbage = next(e for qid, e in entries.items() if qid.startswith("undecodable-"))
+    assert garbage.reason.startswith("scan: ")
+    assert garbage.envelope.rcpt_to == ()
+    assert quarantine.store.read(garbage.queue_id)[1] == b"\x00not a frame"
+    with pytest.raises(QuarantineError, match="can only be deleted"):
+        release(quarantine.store, transport, garbage.queue_id)
+    limited = entries[envelope.queue_id]
+    assert limited.reason == f"{transport.names.queue(Queue.DELIVER)}: dead-lettered by the broker (delivery_limit, 1 time(s))"
+
+
+def test_a_failing_dead_consumer_never_puts_the_message_on_dead_again(broker: Factory) -> None:
+    calls: list[Job] = []
+
+    def flaky(job: Job) -> list[Output]:
+        calls.append(job)
+        if len(calls) == 1:
+            raise RetryLater("store is full", 0.05)
+        if len(calls) <= 1 + MAX_CRASHES:
+            raise OSError("disk on fire")
+        return []
+
+    transport = BrokerTransport(
+        broker.config,  # type: ignore[attr-defined]
+        retry_interval=0.5,
+        crash_delay=0.05,
+        dead_retry=0.05,
+        name="flaky",
+    )
+    try:
+        transport.consume(Queue.DEAD, flaky, 1)
+        transport.start()
+        envelope = make_envelope(b"x").replace(last_error="scan: boom")
+        transport.publish(Queue.DEAD, envelope, b"x")
+        assert wait_until(lambda: len(calls) == 2 + MAX_CRASHES, timeout=20)
+        assert transport.wait_idle(10)
+        assert transport.depth(Queue.DEAD) == 0
+        assert [job.envelope for job in calls] == [envelope] * len(calls)  # its reason kept throughout
+        assert [job.redeliveries for job in calls] == [0, 0, 1, 2, 3]
+    finally:
+        transport.stop(5)
+        delete_namespace(broker.config, [transport])  # type: ignore[attr-defined]
+
+
+def test_consumers_are_counted_across_processes(broker: Factory) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from shared.metrics import QueueDepthCollector
+
+    first, second = broker("first"), broker("second")
+    assert first.consumers(Queue.SCAN) == 0
+    for transport in (first, second):
+        transport.consume(Queue.SCAN, Sink(), 2)
+        transport.start()
+    # One consumer per process and queue, whatever its threads (they share its prefetch).
+    assert wait_until(lambda: first.consumers(Queue.SCAN) == 2, timeout=10)
+    registry = CollectorRegistry()
+    registry.register(
+        QueueDepthCollector(["scan", "deliver"], lambda q: first.depth(Queue(q)), lambda q: first.consumers(Queue(q)))
+    )
+    text = generate_latest(registry).decode()
+    assert 'smtpgw_queue_consumers{queue="scan"} 2.0' in text
+    assert 'smtpgw_queue_consumers{queue="deliver"} 0.0' in text
+    second.stop(5)
+    assert wait_until(lambda: first.consumers(Queue.SCAN) == 1, timeout=10)

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from services.scanner.app import build_handler
-from services.scanner.clamd import ClamdClient
+from shared.clamd import ClamdClient
 from shared.config import Config
 from shared.envelope import Client, Envelope
 from shared.errors import RetryLater, ScanError, ScanLimitExceeded, ScannerUnavailable

@@ -332,9 +332,12 @@ def test_depth_counts_waiting_messages_per_queue(harness: Harness) -> None:
 
 def test_consuming_a_waiting_room_is_refused(harness: Harness) -> None:
     transport = harness.make()
-    for queue in (Queue.DEFERRED, Queue.DEAD):
+    with pytest.raises(ValueError, match="not consumed"):
+        transport.consume(Queue.DEFERRED, Sink(), 1)
+    # The broker lets the quarantine consume dead (test_broker.py); the spool does not (yet).
+    if harness.kind == "embedded":
         with pytest.raises(ValueError, match="not consumed"):
-            transport.consume(queue, Sink(), 1)
+            transport.consume(Queue.DEAD, Sink(), 1)
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,8 @@ from services.scanner.archive import detect
 from services.scanner.context import ScanContext
 from services.scanner.magic import archive_format_by_name
 from services.scanner.mime import Part
-from services.scanner.reply import ScanResult, category_of
+from services.scanner.reply import category_of
+from shared.clamd import ScanResult
 from shared.envelope import Verdict
 
 

@@ -82,13 +82,16 @@ def test_purge_by_age(tmp_path: Path) -> None:
 
 
 def test_consumer_stores_and_release_requeues_for_delivery(tmp_path: Path) -> None:
-    config = load_config(None, {"SMTPGW_QUARANTINE__DIR": str(tmp_path / "q"), "SMTPGW_SPOOL__DIR": str(tmp_path / "s")})
+    config = load_config(
+        None, {"SMTPGW_QUARANTINE__DIR": str(tmp_path / "q"), "SMTPGW_SPOOL__DIR": str(tmp_path / "s")}
+    )
     quarantine = Quarantine(config)
     e = env(VIRUS)
     assert quarantine.handle(Job(Queue.QUARANTINE, e, b"raw bytes")) == []
     spool = SpoolTransport(config.spool.dir)
     release(quarantine.store, spool, e.queue_id)
     [(_, released)] = spool.list(Queue.DELIVER)
-    assert released.queue_id == e.queue_id and released.verdicts[-1].category == "released"
+    assert released.queue_id == e.queue_id
+    assert released.verdicts[-1].category == "released"
     assert list(quarantine.store.entries()) == []
     spool.stop()

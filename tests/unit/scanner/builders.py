@@ -12,7 +12,7 @@ from email import policy
 from email.message import EmailMessage
 from typing import Any
 
-from services.scanner.reply import ScanResult, ScanStatus
+from shared.clamd import ScanResult, ScanStatus
 from shared.config import ScannerConfig
 
 NEEDLE = b"VIRUS-NEEDLE-4711"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.scanner.clamd import ClamdClient
+from shared.clamd import ClamdClient
 
 
 @pytest.mark.parametrize(

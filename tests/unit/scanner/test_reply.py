@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from services.scanner.reply import ScanStatus, category_of, is_size_limit, parse_reply
+from services.scanner.reply import category_of
+from shared.clamd import ScanStatus, is_size_limit, parse_reply
 
 
 @pytest.mark.parametrize(

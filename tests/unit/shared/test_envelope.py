@@ -49,7 +49,8 @@ def test_roundtrip_keeps_every_field() -> None:
 def test_replace_makes_a_copy() -> None:
     env = make()
     other = env.replace(attempts=3)
-    assert env.attempts == 2 and other.attempts == 3
+    assert env.attempts == 2
+    assert other.attempts == 3
     with pytest.raises(AttributeError):
         env.attempts = 5  # type: ignore[misc]
 

@@ -37,7 +37,8 @@ def test_pack_unpack_roundtrip_binary() -> None:
     e = env()
     body = bytes(range(256)) * 10 + b"\r\n.\r\n"
     got_env, got_body = unpack(b"".join(pack(e, body)))
-    assert got_env == e and got_body == body
+    assert got_env == e
+    assert got_body == body
 
 
 def test_publish_is_a_complete_file_and_tmp_is_empty(spool_dir: Path) -> None:
@@ -75,7 +76,8 @@ def test_recovery_keeps_the_newest_generation_and_drops_tmp(spool_dir: Path) -> 
     assert t2.wait_idle(5)
     t2.stop()
     assert seen == [b"new"]
-    assert files(spool_dir, Queue.SCAN) == [] and files(spool_dir, "tmp") == []
+    assert files(spool_dir, Queue.SCAN) == []
+    assert files(spool_dir, "tmp") == []
 
 
 def test_unchanged_move_is_a_rename_and_changed_step_writes_next_generation(spool_dir: Path) -> None:

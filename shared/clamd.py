@@ -1,9 +1,11 @@
-"""The clamd adapter: INSTREAM, PING, VERSION and RELOAD over TCP or a Unix socket.
+"""The clamd adapter: INSTREAM, PING, VERSION and RELOAD over TCP or a Unix socket,
+and clamd's replies as typed values.
 
-The only module of the scanner that touches a socket. It speaks clamd's
-null-terminated command protocol (clamd(8), "zCOMMAND\\0"), streams data as
-INSTREAM chunks of 64 KiB each prefixed by its length in 4 bytes, network
-order, and ends with a zero-length chunk. Every call has a deadline
+Shared by the scanner (which scans mail with it) and the updater (which tells
+clamd to RELOAD after a signature update and confirms that it did). It speaks
+clamd's null-terminated command protocol (clamd(8), "zCOMMAND\\0"), streams
+data as INSTREAM chunks of 64 KiB each prefixed by its length in 4 bytes,
+network order, and ends with a zero-length chunk. Every call has a deadline
 (`timeout`, covering connect, send and reply), connecting is retried a few
 times (tenacity, short and in-process: STYLE §4), and every failure leaves as
 one of ours:
@@ -11,6 +13,9 @@ one of ours:
     ScannerUnavailable   cannot connect, timed out, connection closed, no reply
     ScanLimitExceeded    "INSTREAM size limit exceeded. ERROR" (StreamMaxLength)
     ScanError            any other ERROR reply, or a reply we cannot parse
+
+Infected is not scan-failed (compare rspamd's lua_scanners/clamav.lua): a
+reply is OK, FOUND with a signature, or ERROR (`parse_reply`, pure).
 
 Each call opens its own connection. clamd's IDSESSION could reuse one, but
 its replies are multiplexed by id, the session dies on IdleTimeout and on
@@ -21,14 +26,16 @@ client holds no connection state, so worker threads share one instance.
 
 from __future__ import annotations
 
+import enum
+import re
 import socket
 import struct
 import time
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
-from services.scanner.reply import ScanResult, ScanStatus, is_size_limit, parse_reply
 from shared.errors import ScanError, ScanLimitExceeded, ScannerUnavailable
 from shared.metrics import CLAMD_ERRORS, CLAMD_SECONDS
 
@@ -36,6 +43,55 @@ CHUNK_SIZE = 64 * 1024
 # A reply is one short line; anything longer is not clamd talking.
 MAX_REPLY = 64 * 1024
 CONNECT_ATTEMPTS = 3
+
+
+class ScanStatus(enum.StrEnum):
+    OK = "OK"
+    FOUND = "FOUND"
+    ERROR = "ERROR"
+
+
+@dataclass(frozen=True, slots=True)
+class ScanResult:
+    status: ScanStatus
+    signature: str = ""  # FOUND: the signature name, e.g. "Eicar-Test-Signature"
+    text: str = ""  # the reply as clamd sent it, without the terminator
+
+    @property
+    def clean(self) -> bool:
+        return self.status is ScanStatus.OK
+
+    @property
+    def found(self) -> bool:
+        return self.status is ScanStatus.FOUND
+
+
+# INSTREAM replies "stream: OK" or "stream: Eicar-Test-Signature FOUND"; with
+# ExtendedDetectionInfo some versions append "(md5:size)" to the name, and inside an
+# IDSESSION every reply is prefixed "<n>: ". Signature names never contain spaces.
+_OK = re.compile(r"^(?:\d+: )?stream: OK$")
+_FOUND = re.compile(r"^(?:\d+: )?stream: (\S+?)(?:\([0-9a-f]{32,64}:\d+\))? FOUND$")
+
+
+def parse_reply(reply: bytes) -> ScanResult:
+    """One clamd scan reply (terminator included or not) -> ScanResult.
+
+    Anything that is neither "...: OK" nor "...: <name> FOUND" is an ERROR
+    result carrying the text, whether clamd said "... ERROR" or something
+    unexpected: an unknown reply must never read as clean.
+    """
+    text = reply.rstrip(b"\0\r\n").decode("utf-8", "replace").strip()
+    if _OK.match(text):
+        return ScanResult(ScanStatus.OK, text=text)
+    found = _FOUND.match(text)
+    if found:
+        return ScanResult(ScanStatus.FOUND, signature=found.group(1), text=text)
+    return ScanResult(ScanStatus.ERROR, text=text or "(empty reply)")
+
+
+def is_size_limit(result: ScanResult) -> bool:
+    """clamd refused the stream: "INSTREAM size limit exceeded. ERROR" (StreamMaxLength)."""
+    return result.status is ScanStatus.ERROR and "size limit exceeded" in result.text.lower()
 
 
 class ClamdClient:

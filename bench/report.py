@@ -1,0 +1,115 @@
+"""The benchmark's markdown report (pure: results in, text out).
+
+One row per measured phase. Every throughput figure also appears as a ratio
+to the baselines measured in the same run: the loopback ceiling (load
+generator straight into the sink, same concurrency and messages per
+connection), the clamd ceiling (the corpus through clamd INSTREAM, same
+concurrency) and ClamSMTP in front of the same clamd (same concurrency and
+messages per connection).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from bench.stats import ratio
+
+Row = Mapping[str, Any]
+
+COLUMNS = (
+    "system",
+    "conc.",
+    "msgs/conn",
+    "msg/s (end to end)",
+    "÷ loopback",
+    "÷ clamd",
+    "÷ ClamSMTP",
+    "DATA→250 p50 / p99 ms",
+    "to sink p50 / p99 ms",
+    "CPU s / 1k msgs",
+    "peak RSS MiB",
+    "stalls",
+    "checks",
+)
+
+
+def _num(value: float, digits: int = 0) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:,.{digits}f}"
+
+
+def _ratio(value: float) -> str:
+    return "–" if math.isnan(value) else f"{value:.2f}×"
+
+
+def _pair(a: float, b: float) -> str:
+    if math.isnan(a) and math.isnan(b):
+        return "–"
+    return f"{_num(a * 1000)} / {_num(b * 1000)}"
+
+
+def baselines(rows: Sequence[Row]) -> dict[tuple[str, int, int], float]:
+    """(system, concurrency, per_connection) -> msg/s of the baseline systems."""
+    out = {}
+    for row in rows:
+        if row["system"] in ("loopback", "clamd", "ClamSMTP"):
+            out[(row["system"], row["concurrency"], row["per_connection"])] = row["rate"]
+    return out
+
+
+def ratios(row: Row, base: Mapping[tuple[str, int, int], float]) -> tuple[float, float, float]:
+    c, k = row["concurrency"], row["per_connection"]
+    return (
+        ratio(row["rate"], base.get(("loopback", c, k), math.nan)),
+        ratio(row["rate"], base.get(("clamd", c, 1), math.nan)),
+        ratio(row["rate"], base.get(("ClamSMTP", c, k), math.nan)),
+    )
+
+
+def table(rows: Sequence[Row]) -> str:
+    base = baselines(rows)
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
+    for row in rows:
+        to_loop, to_clamd, to_peer = ratios(row, base)
+        rss = row.get("peak_rss") or {}
+        rss_text = _num(sum(rss.values()) / 2**20) if rss else "–"
+        if len(rss) > 1:
+            rss_text += " (" + ", ".join(f"{k} {v / 2**20:.0f}" for k, v in rss.items()) + ")"
+        cells = [
+            row["system"],
+            str(row["concurrency"]),
+            str(row["per_connection"]) if row["system"] != "clamd" else "–",
+            _num(row["rate"]),
+            _ratio(to_loop) if row["system"] != "loopback" else "1.00×",
+            _ratio(to_clamd) if row["system"] != "clamd" else "1.00×",
+            _ratio(to_peer) if row["system"] != "ClamSMTP" else "1.00×",
+            _pair(row.get("accept_p50", math.nan), row.get("accept_p99", math.nan)),
+            _pair(row.get("e2e_p50", math.nan), row.get("e2e_p99", math.nan)),
+            _num(row.get("cpu_per_1000", math.nan), 2),
+            rss_text,
+            str(row.get("stalls", 0)),
+            row.get("checks", "") or "ok",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def document(rows: Sequence[Row], context: Mapping[str, str], notes: Sequence[str] = ()) -> str:
+    """The whole report: context (machine, load, corpus), the table, notes."""
+    head = ["# smtpgw benchmark", ""]
+    head += [f"- {key}: {value}" for key, value in context.items()]
+    head += [
+        "",
+        "msg/s is end to end: messages that reached the sink, divided by the time from the first",
+        "connection to the last arrival (for clamd: scans per second). DATA→250 is measured from",
+        "the last byte of the DATA terminator leaving the load generator to the reply; \"to sink\"",
+        "from the same moment to the sink's last write of the message. CPU is the gateway's own",
+        "processes (not clamd, sink or load generator). Ratios compare with the baselines of the",
+        "same run at the same concurrency (and messages per connection).",
+        "",
+    ]
+    tail = ["", *notes] if notes else []
+    return "\n".join(head) + table(rows) + "\n".join(tail) + ("\n" if tail else "")

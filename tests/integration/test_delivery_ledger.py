@@ -1,0 +1,221 @@
+"""The delivery ledger over the network: `RedisLedger` against the real Redis, and the delivery
+service choosing its ledger from `[delivery].ledger` and acting on its answers.
+
+Two delivery services sharing one Redis stand for delivery processes on two
+hosts: what one delivered, the other does not send again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import threading
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from services.delivery.app import BUSY_RETRY, LEDGER_RETRY, Delivery
+from services.delivery.ledger import LEDGER_GRACE_SECONDS, FileLedger, LedgerError, RedisLedger, open_ledger
+from shared.config import Config, load_config
+from shared.envelope import Client, Envelope, new_queue_id
+from shared.errors import ConfigError, RetryLater
+from shared.transport import Job, Queue
+from tests.conftest import IN_CI
+from tests.support import capture_server, free_port
+
+pytestmark = pytest.mark.integration
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+BODY = b"From: sender@example.org\r\nTo: user@example.test\r\nSubject: ledger\r\n\r\nHello.\r\n"
+
+
+@pytest.fixture
+def redis_url() -> str:
+    """The real Redis on 127.0.0.1:6379; skipped here when missing, a failure in CI."""
+    try:
+        with socket.create_connection(("127.0.0.1", 6379), timeout=2):
+            pass
+    except OSError:
+        if IN_CI:
+            pytest.fail("Redis on 127.0.0.1:6379 is not available, and CI must test it")
+        pytest.skip("Redis on 127.0.0.1:6379 is not available here")
+    return REDIS_URL
+
+
+@pytest.fixture
+def namespace(redis_url: str) -> Iterator[str]:
+    """A key namespace of its own; its keys are deleted afterwards."""
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    yield name
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    keys = list(client.scan_iter(f"{name}:*"))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+def config(tmp_path: Path, **env: str) -> Config:
+    return load_config(
+        env={
+            "SMTPGW_SPOOL__DIR": str(tmp_path / "spool"),
+            "SMTPGW_SPOOL__FSYNC": "false",
+            "SMTPGW_DELIVERY__TIMEOUT": "5s",
+            **{f"SMTPGW_{k.upper()}": v for k, v in env.items()},
+        }
+    )
+
+
+def envelope(*rcpts: str) -> Envelope:
+    return Envelope(
+        queue_id=new_queue_id(),
+        received_at=datetime.now(UTC),
+        client=Client("192.0.2.1", helo="client.example.org"),
+        mail_from="sender@example.org",
+        rcpt_to=rcpts,
+        size=len(BODY),
+        sha256=hashlib.sha256(BODY).hexdigest(),
+    )
+
+
+# ---------------------------------------------------------------- RedisLedger
+
+
+def test_record_and_lookup(redis_url: str, namespace: str) -> None:
+    ledger = RedisLedger(redis_url, namespace=namespace, ttl=3600)
+    assert not ledger.was_delivered("Q1", "a@example.test")
+    ledger.record("Q1", ["a@example.test"])
+    ledger.record("Q1", ["b@example.test", "Ü@example.test"])
+    ledger.record("Q1", [])
+    assert ledger.delivered("Q1") == {"a@example.test", "b@example.test", "Ü@example.test"}
+    assert not ledger.was_delivered("Q1", "B@example.test")  # local parts are case-sensitive
+    assert not ledger.was_delivered("Q2", "a@example.test")  # per queue id
+    # Another process (host) sees the same records.
+    assert RedisLedger(redis_url, namespace=namespace, ttl=3600).was_delivered("Q1", "Ü@example.test")
+    # Another namespace (another gateway on the same Redis) does not.
+    assert not RedisLedger(redis_url, namespace=f"{namespace}-other", ttl=3600).was_delivered("Q1", "a@example.test")
+    ledger.close()
+
+
+def test_records_expire_after_the_queue_lifetime_and_a_day(redis_url: str, namespace: str, tmp_path: Path) -> None:
+    import redis
+
+    cfg = config(
+        tmp_path, delivery__ledger=redis_url, broker__namespace=namespace, delivery__max_queue_lifetime="2h"
+    )
+    ledger = open_ledger(cfg)
+    assert isinstance(ledger, RedisLedger)
+    ledger.record("Q1", ["a@example.test"])
+    ttl = redis.Redis.from_url(redis_url).ttl(f"{namespace}:delivered:Q1")
+    assert 2 * 3600 + LEDGER_GRACE_SECONDS - 60 <= ttl <= 2 * 3600 + LEDGER_GRACE_SECONDS
+    assert ledger.purge(datetime.now(UTC)) == 0  # Redis expires keys itself
+    ledger.close()
+
+
+@pytest.mark.parametrize("queue_id", ["../escape", "", ".hidden", "a b", "x" * 200])
+def test_unsafe_queue_ids_are_refused(redis_url: str, namespace: str, queue_id: str) -> None:
+    ledger = RedisLedger(redis_url, namespace=namespace, ttl=60)
+    with pytest.raises(ValueError, match="unsafe queue id"):
+        ledger.record(queue_id, ["a@example.test"])
+
+
+def test_unreachable_redis_is_a_ledger_error_naming_it() -> None:
+    url = f"redis://:secret@127.0.0.1:{free_port()}/0"
+    ledger = RedisLedger(url, namespace="x", ttl=60)
+    with pytest.raises(LedgerError, match="cannot read Q1") as info:
+        ledger.was_delivered("Q1", "a@example.test")
+    assert "secret" not in str(info.value)  # the password never reaches a log line
+    with pytest.raises(LedgerError, match="cannot record delivery of Q1"):
+        ledger.record("Q1", ["a@example.test"])
+
+
+def test_open_ledger_builds_what_the_config_names(tmp_path: Path, redis_url: str) -> None:
+    assert isinstance(open_ledger(config(tmp_path)), FileLedger)
+    assert isinstance(open_ledger(config(tmp_path, delivery__ledger=redis_url)), RedisLedger)
+
+
+@pytest.mark.parametrize("value", ["redis", "http://127.0.0.1:6379", "redis://", "unix://", "files"])
+def test_a_bad_ledger_setting_names_the_key(tmp_path: Path, value: str) -> None:
+    with pytest.raises(ConfigError, match="SMTPGW_DELIVERY__LEDGER"):
+        config(tmp_path, delivery__ledger=value)
+
+
+# ---------------------------------------------------------------- the delivery service
+
+
+def test_two_delivery_services_sharing_redis_send_each_recipient_once(
+    tmp_path: Path, redis_url: str, namespace: str
+) -> None:
+    """Host A delivers and dies before its ack; the broker hands the job to host B."""
+    with capture_server() as (handler, port):
+        settings = {
+            "delivery__ledger": redis_url,
+            "broker__namespace": namespace,
+            "delivery__routes": f'{{ "example.test" = "smtp://127.0.0.1:{port}" }}',
+        }
+        host_a = Delivery(config(tmp_path / "a", **settings))
+        host_b = Delivery(config(tmp_path / "b", **settings))
+        try:
+            env = envelope("user@example.test", "other@example.test")
+            assert host_a.handle_deliver(Job(Queue.DELIVER, env, BODY)) == []
+            assert host_b.handle_deliver(Job(Queue.DELIVER, env, BODY, redeliveries=1)) == []
+        finally:
+            host_a.close()
+            host_b.close()
+    assert len(handler.messages) == 1
+    assert handler.messages[0].rcpt_tos == ["user@example.test", "other@example.test"]
+
+
+def test_ledger_unreachable_defers_instead_of_guessing(tmp_path: Path) -> None:
+    with capture_server() as (handler, port):
+        cfg = config(
+            tmp_path,
+            delivery__ledger=f"redis://127.0.0.1:{free_port()}/0",
+            delivery__routes=f'{{ "example.test" = "smtp://127.0.0.1:{port}" }}',
+        )
+        delivery = Delivery(cfg)
+        try:
+            with pytest.raises(RetryLater, match="cannot ask the delivery ledger") as info:
+                delivery.handle_deliver(Job(Queue.DELIVER, envelope("user@example.test"), BODY))
+        finally:
+            delivery.close()
+    assert info.value.delay == LEDGER_RETRY
+    assert handler.messages == []
+
+
+def test_a_copy_being_delivered_in_this_process_waits(tmp_path: Path) -> None:
+    """Two copies of one queue id (a scanner died between its confirm and its ack) reach two
+    workers at once: the second waits for the first instead of sending a duplicate."""
+    release = threading.Event()
+    entered = threading.Event()
+
+    def slow_data(_envelope: object) -> None:
+        entered.set()
+        release.wait(10)
+        return None
+
+    with capture_server(data_reply=slow_data) as (handler, port):
+        cfg = config(tmp_path, delivery__routes=f'{{ "example.test" = "smtp://127.0.0.1:{port}" }}')
+        delivery = Delivery(cfg)
+        env = envelope("user@example.test")
+        first: list[object] = []
+        worker = threading.Thread(target=lambda: first.append(delivery.handle_deliver(Job(Queue.DELIVER, env, BODY))))
+        try:
+            worker.start()
+            assert entered.wait(10)
+            with pytest.raises(RetryLater, match="being delivered right now") as info:
+                delivery.handle_deliver(Job(Queue.DELIVER, env, BODY))
+            assert info.value.delay == BUSY_RETRY
+            release.set()
+            worker.join(10)
+            assert first == [[]]
+            # Back from its short wait, the copy finds the recipient in the ledger.
+            assert delivery.handle_deliver(Job(Queue.DELIVER, env, BODY)) == []
+        finally:
+            release.set()
+            delivery.close()
+    assert len(handler.messages) == 1
