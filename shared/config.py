@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import ipaddress
+import math
 import os
 import re
 import tomllib
@@ -54,6 +55,8 @@ def parse_duration(value: object) -> float:
     if isinstance(value, int | float):
         if value < 0:
             raise ValueError("must not be negative")
+        if not math.isfinite(value):  # TOML has nan and inf
+            raise ValueError(f"{value!r} is not a finite number of seconds")
         return float(value)
     if not isinstance(value, str):
         raise ValueError("expected a duration like '30s', '10m', '24h'")
@@ -255,13 +258,13 @@ def _routes(value: object) -> Mapping[str, str]:
     return MappingProxyType(out)
 
 
-def setting(default: Any, conv: Callable[[object], Any], doc: str = "") -> Any:
+def setting(default: Any, conv: Callable[[object], Any]) -> Any:
     """Declare a key: its default as an operator would write it, and its converter."""
     value = conv(default)
     if isinstance(value, Mapping):
         # Tables are frozen too; a factory because dataclasses refuse mutable defaults.
-        return field(default_factory=lambda: conv(default), metadata={"conv": conv, "doc": doc})
-    return field(default=value, metadata={"conv": conv, "doc": doc})
+        return field(default_factory=lambda: conv(default), metadata={"conv": conv})
+    return field(default=value, metadata={"conv": conv})
 
 
 # ---------------------------------------------------------------- sections
@@ -562,10 +565,3 @@ def _updater_checks(updater: UpdaterConfig, scanner: ScannerConfig, source: str)
     if updater.freshclam and updater.freshclam_config and not os.path.isfile(updater.freshclam_config):
         problems.append(f"{source}:updater.freshclam_config: {updater.freshclam_config!r} is not a file")
     return problems
-
-
-def describe_defaults() -> dict[str, dict[str, str]]:
-    """Key -> documentation, per section (used by tests to keep the example file complete)."""
-    return {
-        name: {f.name: f.metadata.get("doc", "") for f in dataclasses.fields(cls)} for name, cls in SECTIONS.items()
-    }
