@@ -318,32 +318,44 @@ def test_kill_9_after_250_loses_nothing(
     handler, port = downstream
     gw = make_gateway(base_sections(port, clamd_address))
     first = gw.run_all()
-    sent = 0
+    accepted: list[str] = []  # subjects that got their 250
+    lock = threading.Lock()
     stop_sending = threading.Event()
 
-    def sender() -> None:
-        nonlocal sent
+    def sender(n: int) -> None:
+        i = 0
         while not stop_sending.is_set():
+            subject = f"msg {n}-{i}"
             try:
                 with smtplib.SMTP("127.0.0.1", gw.smtp_port, timeout=10) as smtp:
-                    smtp.sendmail("sender@example.org", ["user@example.test"], message(f"msg {sent}"))
-                sent += 1  # counted only after the 250
+                    smtp.sendmail("sender@example.org", ["user@example.test"], message(subject))
             except (OSError, smtplib.SMTPException):
                 return
+            with lock:
+                accepted.append(subject)  # counted only after the 250
+            i += 1
 
-    thread = threading.Thread(target=sender)
-    thread.start()
-    assert wait_until(lambda: sent >= 40, timeout=60)
-    first.kill()  # mid-stream: some messages in scan, some in deliver, some half-received
+    threads = [threading.Thread(target=sender, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    assert wait_until(lambda: len(accepted) >= 150, timeout=60)
+    backlog = gw.spool_files()
+    first.kill()  # mid-stream: messages in scan, in deliver, half-received
     stop_sending.set()
-    thread.join(30)
+    for t in threads:
+        t.join(30)
     gw.run_all()
     assert wait_quiet(gw, timeout=120), gw.logs()
     got = [email.message_from_bytes(m.data)["Subject"] for m in handler.messages]
-    missing = {f"msg {i}" for i in range(sent)} - set(got)
-    assert not missing, f"lost after kill -9: {sorted(missing)}"
+    missing = set(accepted) - set(got)
     duplicates = len(got) - len(set(got))
-    assert duplicates <= 2, f"{duplicates} duplicates"  # only the at-least-once crash window may duplicate
+    print(
+        f"kill -9 run: accepted={len(accepted)} queued_at_kill={backlog} delivered={len(set(got))} "
+        f"lost={len(missing)} duplicated={duplicates}"
+    )
+    assert not missing, f"lost after kill -9: {sorted(missing)}"
+    # Only the at-least-once window (delivered downstream, not yet recorded) may duplicate.
+    assert duplicates <= 2, f"{duplicates} duplicates"
 
 
 def test_clamd_down_holds_mail_until_it_is_back(
