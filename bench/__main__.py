@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scanners", type=_ints, default=defaults.scanners, help="RabbitMQ mode scanner processes")
     p.add_argument("--rabbitmq-url", default=defaults.rabbitmq_url)
     p.add_argument("--real-corpus", default="", help="directory of real messages, one per file")
+    p.add_argument("--no-clamd-cache", action="store_true", help="clamd with DisableCache yes")
     p.add_argument("--profile", choices=["", "embedded"], default="", help="py-spy the embedded gateway")
     p.add_argument("--out", default=defaults.out)
     args = p.parse_args(argv)
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         scanners=args.scanners,
         rabbitmq_url=args.rabbitmq_url,
         real_corpus=args.real_corpus,
+        clamd_cache=not args.no_clamd_cache,
         profile=args.profile,
         out=args.out,
     )

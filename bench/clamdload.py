@@ -33,6 +33,7 @@ class Spec:
     duration: float
     pool: str  # pickle: list of (sample index, wire bytes, rcpt); the raw message is scanned
     out: str
+    tag: str = "clamd"
 
 
 def instream(address: tuple[str, int], data: bytes, timeout: float = 60.0) -> bytes:
@@ -81,7 +82,9 @@ def main(argv: list[str]) -> int:
                 return
             t0 = time.monotonic()
             try:
-                reply = instream((spec.host, spec.port), pool[seq % len(pool)])
+                # Like the gateway's scan, each message differs from the last as a whole (its headers).
+                head = f"X-Bench-Id: {spec.tag}.{seq}.{seq % len(pool)}\r\n".encode()
+                reply = instream((spec.host, spec.port), head + pool[seq % len(pool)])
             except OSError as exc:
                 with lock:
                     errors.append(str(exc))

@@ -5,13 +5,20 @@
 # `make test` and .ci/run) and by the tests' `clamd_address` fixture.
 #
 # Everything clamd writes stays under var/: config, pid file, log, socket,
-# temporary files, and the signature directory var/clamav/.
+# temporary files, and the signature directory var/clamav.
+#
+# var/clamav is laid out the way smtpgw's updater keeps it
+# (services/updater/versions.py): a symlink to one complete version,
+# var/clamav -> clamav.versions/<UTC time>-<tag>/, switched by renaming a new
+# symlink over it, so clamd never loads a half-written set. A plain directory
+# found there (an older checkout) becomes the first version.
 #
 # The signature files in etc/clamav/ (smtpgw.hsb, smtpgw.ndb, ...) are the
-# project's: each is copied to var/clamav/ when it is missing there or differs,
-# and a running clamd is told to RELOAD, so a signature added to the project
-# is active after the next `make test` without restarting anything. Other
-# files in var/clamav/ (the updater's) are never touched.
+# project's: when one is missing from the active version or differs, a new
+# version "<time>-seed" is made of the active one's files (the updater's
+# included, its version marker excepted) plus the project's, switched to, and
+# a running clamd is told to RELOAD, so a signature added to the project is
+# active after the next `make test` without restarting anything.
 #
 # Stop it with: kill "$(cat var/clamd/clamd.pid)"
 set -euo pipefail
@@ -33,18 +40,54 @@ clamd_says() {
 }
 ping_clamd() { clamd_says PING PONG; }
 
-mkdir -p "$VAR/clamd/tmp" "$VAR/clamav"
+DB="$VAR/clamav"
+VERSIONS="$VAR/clamav.versions"
+
+# A version name: the UTC time, never sorting before the newest version there is.
+new_version() {
+    local name newest when
+    name="$(date -u +%Y%m%dT%H%M%SZ)-$1"
+    newest="$(find "$VERSIONS" -mindepth 1 -maxdepth 1 -type d -name '[0-9]*T[0-9]*Z-*' -printf '%f\n' | sort | tail -n 1)"
+    if [ -n "$newest" ] && [[ ! "$name" > "$newest" ]]; then
+        when="$(date -u -d "${newest:0:4}-${newest:4:2}-${newest:6:2} ${newest:9:2}:${newest:11:2}:${newest:13:2} UTC" +%s)"
+        name="$(date -u -d "@$((when + 1))" +%Y%m%dT%H%M%SZ)-$1"
+    fi
+    echo "$name"
+}
+
+# Point var/clamav at a version: a new symlink renamed over the old one (atomic).
+switch_to() {
+    ln -sfn "clamav.versions/$1" "$DB.link-$$"
+    mv -T "$DB.link-$$" "$DB"
+}
+
+mkdir -p "$VAR/clamd/tmp" "$VERSIONS"
+if [ -d "$DB" ] && [ ! -L "$DB" ]; then
+    name="$(new_version seed)"
+    mv "$DB" "$VERSIONS/$name"
+    switch_to "$name"
+    echo "clamd: $DB is now a link to the version $name"
+elif [ ! -e "$DB" ]; then
+    name="$(new_version seed)"
+    mkdir "$VERSIONS/$name"
+    switch_to "$name"
+fi
+
 changed=()
 for sig in etc/clamav/*; do
     case "$sig" in *.in | */README*) continue ;; esac
-    dest="$VAR/clamav/$(basename "$sig")"
-    if ! cmp -s "$sig" "$dest"; then
-        # Copy, then rename: clamd never reads a half-written database.
-        cp "$sig" "$dest.tmp"
-        mv "$dest.tmp" "$dest"
-        changed+=("$(basename "$sig")")
-    fi
+    cmp -s "$sig" "$DB/$(basename "$sig")" || changed+=("$(basename "$sig")")
 done
+if [ "${#changed[@]}" -gt 0 ]; then
+    name="$(new_version seed)"
+    staging="$VERSIONS/.staging-seed-$$"
+    rm -rf "$staging"
+    cp -a "$(readlink -f "$DB")" "$staging"
+    rm -f "$staging"/smtpgw-version.*
+    for sig in "${changed[@]}"; do cp "etc/clamav/$sig" "$staging/$sig"; done
+    mv "$staging" "$VERSIONS/$name"
+    switch_to "$name"
+fi
 
 # The clamd this checkout started, if it still runs (its pid file names a live clamd).
 our_pid=""

@@ -1,9 +1,10 @@
 """`smtpgw`: the one command line of the gateway.
 
-    smtpgw run all|receiver|scanner|delivery|quarantine [-c FILE] [--threads N]
+    smtpgw run all|receiver|scanner|delivery|quarantine|updater [-c FILE] [--threads N]
     smtpgw check-config -c FILE
     smtpgw quarantine list|show|release|delete|purge [ID] [-c FILE] [--json]
     smtpgw queue [-c FILE] [--json]
+    smtpgw update now|status|rollback [-c FILE] [--json] [--component signatures|rules]
     smtpgw sink --listen HOST:PORT --dir DIR
     smtpgw --version
 
@@ -124,6 +125,13 @@ def _cmd_queue(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_update(args: argparse.Namespace) -> int:
+    from services.updater.command import update_command
+
+    components = [args.component] if args.component else ["signatures", "rules"]
+    return update_command(_config(args.config), args.action, as_json=args.json, components=components)
+
+
 def _cmd_sink(args: argparse.Namespace) -> int:
     from services.sink import run_sink
 
@@ -158,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_config(sub.add_parser("queue", help="show how many messages wait on each queue"))
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_queue)
+
+    p = with_config(sub.add_parser("update", help="update signatures and rules now, show their status, roll back"))
+    p.add_argument("action", choices=["now", "status", "rollback"])
+    p.add_argument("--json", action="store_true", help="status as JSON")
+    p.add_argument("--component", choices=["signatures", "rules"], help="roll back only this one")
+    p.set_defaults(func=_cmd_update)
 
     p = sub.add_parser("sink", help="a local capture MTA that writes each message it receives to a file")
     p.add_argument("--listen", default="127.0.0.1:2526")

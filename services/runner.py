@@ -24,7 +24,7 @@ from shared.transport import Queue, Transport, open_transport
 
 log = logging.getLogger(__name__)
 
-ROLES = ("receiver", "scanner", "delivery", "quarantine")
+ROLES = ("receiver", "scanner", "delivery", "quarantine", "updater")
 
 
 @dataclass
@@ -40,9 +40,14 @@ def start_consumers(config: Config, roles: set[str], transport: Transport, threa
     running = Running(transport)
     if "scanner" in roles:
         from services.scanner.app import ClamdClient, build_handler
+        from services.scanner.rules import LiveRules
 
         clamd = ClamdClient(config.scanner.clamd, config.scanner.clamd_timeout)
-        transport.consume(Queue.SCAN, build_handler(config, clamd), threads or config.scanner.threads)
+        rules = LiveRules(config.scanner)
+        if config.scanner.rules_dir:
+            # The updater announces new rules as a transport event; the scanners reload them live.
+            transport.subscribe_events(rules.subscriber(transport.publish_event))
+        transport.consume(Queue.SCAN, build_handler(config, clamd, rules), threads or config.scanner.threads)
     if "delivery" in roles:
         from services.delivery.app import Delivery
 
@@ -63,7 +68,15 @@ def start_consumers(config: Config, roles: set[str], transport: Transport, threa
             log.info("poison messages stay on the %s queue of this transport (smtpgw queue counts them)", Queue.DEAD)
         quarantine.start_purger()
         running.closers.append(quarantine.close)
+    updater = None
+    if "updater" in roles:
+        from services.updater.app import Updater
+
+        updater = Updater(config, transport)
+        running.closers.append(updater.close)
     transport.start()
+    if updater is not None:
+        updater.start()  # after the transport, which carries its announcements to the scanners
     return running
 
 
@@ -88,6 +101,10 @@ def run(config: Config, roles: set[str], threads: int | None = None) -> int:
                 (lambda q: int(consumers(Queue(q)))) if consumers is not None else None,
             )
         )
+        if "updater" in roles:
+            from services.updater.app import collector
+
+            REGISTRY.register(collector(config))
         serve(config.metrics.listen.host, config.metrics.listen.port)
     running = start_consumers(config, roles - {"receiver"}, transport, threads)
     log.info("started %s", ", ".join(sorted(roles)))

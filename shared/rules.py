@@ -38,6 +38,10 @@ from typing import Any
 
 from shared.errors import GatewayError
 
+# Transport events (shared.transport publish_event/subscribe_events) between the updater and the scanners.
+RULES_UPDATED = "rules.updated"  # updater -> scanners: {"version": the bundle now installed ("" for none)}
+RULES_LOADED = "rules.loaded"  # scanner -> updater: {"requested", "version", "ok", "error", "scanner"}
+
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
 FORMAT = 1

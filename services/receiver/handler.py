@@ -54,6 +54,11 @@ def authenticated_user(session: Session) -> str:
 class ReceiverHandler:
     """The hooks aiosmtpd calls, one instance shared by all sessions of a Receiver."""
 
+    # Every new session looks up the hooks by reflection (`dir`, `inspect.getmembers`): answer
+    # with just the names it looks for (see ReceiverSMTP.__dir__).
+    def __dir__(self) -> list[str]:
+        return [n for n in type(self).__dict__ if n.startswith(("handle_", "auth_"))]
+
     def __init__(self, config: Config, transport: Transport, executor: Executor) -> None:
         self._config = config
         self._settings = config.receiver

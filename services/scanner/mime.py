@@ -3,7 +3,8 @@
 Pure: bytes in, an `Inspection` out. The stdlib parser with the compat32
 policy does the parsing (it is about ten times faster than policy.default and
 keeps raw header values, so an untouched part serialises back byte for byte);
-this module only walks the tree it builds:
+this module only walks the tree it builds (`mimeparse.parse` spares the parser
+the body lines it would only copy):
 
 - every leaf part, decoded (base64, quoted-printable, x-uuencode);
 - attached messages (message/rfc822), descended into, including ones that
@@ -42,6 +43,7 @@ from email.parser import BytesParser
 from email.policy import compat32
 
 from services.scanner.filenames import decode_param
+from services.scanner.mimeparse import parse
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +87,7 @@ def inspect(raw: bytes, max_parts: int, max_depth: int) -> Inspection:
     """Parse and walk `raw`. Never raises for any input."""
     linesep = "\r\n" if b"\r\n" in raw[:4096] or b"\n" not in raw[:4096] else "\n"
     try:
-        message = BytesParser(policy=compat32).parsebytes(raw)
+        message = parse(raw)  # the stdlib's parse, without it reading every body line
     except RecursionError:
         return Inspection(raw, None, failure="MIME structure nested too deeply to parse", linesep=linesep)
     except Exception as exc:  # the parser is lenient; anything it still throws is a failed parse

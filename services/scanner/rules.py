@@ -37,13 +37,11 @@ from shared.config import ScannerConfig
 from shared.errors import GatewayError
 from shared.logging import event
 from shared.metrics import SCANNER_RULES_RELOADS, SCANNER_RULES_VERSION
-from shared.rules import MANIFEST, Rules, RulesError, load_rules
+from shared.rules import MANIFEST, RULES_LOADED, RULES_UPDATED, Rules, RulesError, load_rules
 from shared.transport import EventCallback
 
 log = logging.getLogger(__name__)
 
-RULES_UPDATED = "rules.updated"  # updater -> scanners: {"version": ...}
-RULES_LOADED = "rules.loaded"  # scanner -> updater: {"requested", "version", "ok", "error", "scanner"}
 CHECK_INTERVAL = 5.0
 
 Stamp = tuple[int, int, int] | None  # (st_dev, st_ino, st_mtime_ns) of the installed manifest

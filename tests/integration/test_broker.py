@@ -466,7 +466,8 @@ def test_undecodable_and_broker_dead_lettered_messages_are_quarantined_too(broke
     with pytest.raises(QuarantineError, match="can only be deleted"):
         release(quarantine.store, transport, garbage.queue_id)
     limited = entries[envelope.queue_id]
-    assert limited.reason == f"{transport.names.queue(Queue.DELIVER)}: dead-lettered by the broker (delivery_limit, 1 time(s))"
+    deliver = transport.names.queue(Queue.DELIVER)
+    assert limited.reason == f"{deliver}: dead-lettered by the broker (delivery_limit, 1 time(s))"
 
 
 def test_a_failing_dead_consumer_never_puts_the_message_on_dead_again(broker: Factory) -> None:

@@ -104,9 +104,7 @@ def test_record_and_lookup(redis_url: str, namespace: str) -> None:
 def test_records_expire_after_the_queue_lifetime_and_a_day(redis_url: str, namespace: str, tmp_path: Path) -> None:
     import redis
 
-    cfg = config(
-        tmp_path, delivery__ledger=redis_url, broker__namespace=namespace, delivery__max_queue_lifetime="2h"
-    )
+    cfg = config(tmp_path, delivery__ledger=redis_url, broker__namespace=namespace, delivery__max_queue_lifetime="2h")
     ledger = open_ledger(cfg)
     assert isinstance(ledger, RedisLedger)
     ledger.record("Q1", ["a@example.test"])
