@@ -16,13 +16,14 @@ SINK_DIR    ?= var/mail
 PYTEST_ARGS ?=
 PYTEST_TIMEOUT ?= 30m
 
-.PHONY: help run test lint pytest setup
+.PHONY: help run test lint pytest setup bench
 
 help:
 	@echo "make run    set up, start clamd and a capture sink on $(SINK_LISTEN), run the gateway in the foreground"
 	echo "make test   set up (ClamAV, RabbitMQ, Redis, venv), then lint (ruff, mypy) and the test suite (pytest)"
 	echo "make lint   ruff check and mypy --strict only"
 	echo "make setup  install what is missing and start clamd, RabbitMQ and Redis (scripts/setup.sh)"
+	echo "make bench  the benchmark against ClamSMTP and the ceilings (scripts/bench.sh; BENCH_ARGS=--quick)"
 
 setup:
 	@scripts/setup.sh
@@ -81,3 +82,9 @@ pytest:
 	    echo "pytest did not finish within $(PYTEST_TIMEOUT): a test hangs (stacks above)" >&2
 	fi
 	exit $$status
+
+# The benchmark (README, "Benchmark"): installs its peers (Postfix's smtp-sink, ClamSMTP) and
+# py-spy, then runs `python -m bench $(BENCH_ARGS)`; the report lands in bench/out/report.md.
+BENCH_ARGS ?=
+bench:
+	@scripts/bench.sh $(BENCH_ARGS)

@@ -1,9 +1,9 @@
 """`python -m bench`: run the benchmark (see bench/run.py and the README's Benchmark section).
 
-    python -m bench                       everything: baselines, embedded, RabbitMQ, memory
-    python -m bench --quick               a smoke run: fewer messages, shorter phases
-    python -m bench --systems loopback,embedded --concurrency 50 --per-connection 1
-    python -m bench --real-corpus DIR     add a real-mail corpus (SpamAssassin layout)
+python -m bench                       everything: baselines, embedded, RabbitMQ, memory
+python -m bench --quick               a smoke run: fewer messages, shorter phases
+python -m bench --systems loopback,embedded --concurrency 50 --per-connection 1
+python -m bench --real-corpus DIR     add a real-mail corpus (SpamAssassin layout)
 """
 
 from __future__ import annotations

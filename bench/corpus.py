@@ -45,7 +45,53 @@ BAD_KINDS = frozenset({"blocked", "eicar"})
 RECIPIENT_DOMAIN = "example.test"
 SENDER_DOMAIN = "sender.test"
 
-_WORDS = ["the", "quarterly", "report", "invoice", "meeting", "agenda", "project", "budget", "review", "please", "find", "attached", "regards", "schedule", "delivery", "customer", "contract", "update", "team", "office", "proposal", "minutes", "draft", "signed", "approval", "order", "shipment", "payment", "account", "details", "thanks", "monday", "tuesday", "friday", "network", "server", "release", "version", "support", "ticket", "policy", "security", "training", "summary", "figures"]
+_WORDS = [
+    "the",
+    "quarterly",
+    "report",
+    "invoice",
+    "meeting",
+    "agenda",
+    "project",
+    "budget",
+    "review",
+    "please",
+    "find",
+    "attached",
+    "regards",
+    "schedule",
+    "delivery",
+    "customer",
+    "contract",
+    "update",
+    "team",
+    "office",
+    "proposal",
+    "minutes",
+    "draft",
+    "signed",
+    "approval",
+    "order",
+    "shipment",
+    "payment",
+    "account",
+    "details",
+    "thanks",
+    "monday",
+    "tuesday",
+    "friday",
+    "network",
+    "server",
+    "release",
+    "version",
+    "support",
+    "ticket",
+    "policy",
+    "security",
+    "training",
+    "summary",
+    "figures",
+]
 _BLOCKED = (
     ("setup.exe", "application/x-msdownload", "exe"),
     ("screensaver.scr", "application/octet-stream", "exe"),
@@ -96,7 +142,10 @@ def build(size: int, seed: int = 1) -> list[Sample]:
     for index, kind in enumerate(kinds):
         # One generator per sample: a sample's bytes do not depend on the ones before it.
         sample_rng = random.Random(f"{seed}:{index}")
-        samples.append(makers[kind](index, sample_rng))
+        if kind == "eicar":  # plain and zipped in turn, whatever their positions
+            samples.append(_eicar(index, sample_rng, zipped=sum(s.kind == "eicar" for s in samples) % 2 == 1))
+        else:
+            samples.append(makers[kind](index, sample_rng))
     return samples
 
 
@@ -194,8 +243,7 @@ def _with_attachments(
     out = [
         _headers(index, rng, subject, f'Content-Type: multipart/mixed; boundary="{boundary}"\r\n'),
         "\r\nThis is a multi-part message in MIME format.\r\n",
-        f"--{boundary}\r\nContent-Type: text/plain; charset=us-ascii\r\n"
-        f"Content-Transfer-Encoding: 7bit\r\n\r\n{text}",
+        f"--{boundary}\r\nContent-Type: text/plain; charset=us-ascii\r\nContent-Transfer-Encoding: 7bit\r\n\r\n{text}",
     ]
     markers = []
     for name, ctype, data in attachments:
@@ -226,6 +274,11 @@ def _text(index: int, rng: random.Random) -> Sample:
     return Sample(index, "text", data.encode("ascii"), detail="html")
 
 
+def _store(zf: zipfile.ZipFile, name: str, data: str | bytes) -> None:
+    """A zip member with a fixed timestamp: zipfile would stamp the current time."""
+    zf.writestr(zipfile.ZipInfo(name, date_time=(2025, 6, 2, 12, 0, 0)), data, zipfile.ZIP_DEFLATED)
+
+
 def _pdf(rng: random.Random, size: int) -> bytes:
     """PDF-like: a header, objects with (incompressible) streams, an xref-ish tail."""
     out = io.BytesIO()
@@ -245,11 +298,11 @@ def _docx(rng: random.Random, size: int) -> bytes:
     """DOCX-like: a real zip with the OOXML parts a word processor writes, and an image."""
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zf:
-        zf.writestr("[Content_Types].xml", '<?xml version="1.0"?><Types/>')
-        zf.writestr("_rels/.rels", '<?xml version="1.0"?><Relationships/>')
+        _store(zf, "[Content_Types].xml", '<?xml version="1.0"?><Types/>')
+        _store(zf, "_rels/.rels", '<?xml version="1.0"?><Relationships/>')
         text = _words(rng, max(2_000, size // 4))
-        zf.writestr("word/document.xml", f"<w:document><w:body><w:t>{text}</w:t></w:body></w:document>")
-        zf.writestr("word/media/image1.png", b"\x89PNG\r\n\x1a\n" + rng.randbytes(max(1_000, size * 3 // 4)))
+        _store(zf, "word/document.xml", f"<w:document><w:body><w:t>{text}</w:t></w:body></w:document>")
+        _store(zf, "word/media/image1.png", b"\x89PNG\r\n\x1a\n" + rng.randbytes(max(1_000, size * 3 // 4)))
     return out.getvalue()
 
 
@@ -268,7 +321,7 @@ def _zip_bytes(members: Sequence[tuple[str, bytes]]) -> bytes:
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zf:
         for name, data in members:
-            zf.writestr(name, data)
+            _store(zf, name, data)
     return out.getvalue()
 
 
@@ -298,8 +351,8 @@ def _blocked(index: int, rng: random.Random) -> Sample:
     return Sample(index, "blocked", body, marker, detail=name.rsplit(".", 1)[1])
 
 
-def _eicar(index: int, rng: random.Random) -> Sample:
-    if index % 2:
+def _eicar(index: int, rng: random.Random, zipped: bool = False) -> Sample:
+    if not zipped:
         body, marker = _with_attachments(index, rng, "test file", [("eicar.txt", "text/plain", EICAR)])
         return Sample(index, "eicar", body, marker, detail="eicar-plain")
     zipped = _zip_bytes([("eicar.txt", EICAR)])

@@ -88,8 +88,9 @@ class _Session:
         return int(lines[0][:3]), lines
 
 
-async def _session(spec: Spec, pool: list[tuple[int, bytes, str]], seqs: itertools.count[int], deadline: float,
-                   result: Result) -> bool:
+async def _session(
+    spec: Spec, pool: list[tuple[int, bytes, str]], seqs: itertools.count[int], deadline: float, result: Result
+) -> bool:
     """One connection; returns False when there is nothing left to send."""
     try:
         reader, writer = await asyncio.open_connection(spec.host, spec.port, limit=1 << 16)

@@ -49,9 +49,7 @@ class Proc:
     @classmethod
     def start(cls, name: str, argv: Sequence[str], log: str, env: dict[str, str] | None = None) -> Proc:
         with open(log, "ab") as fh:
-            popen = subprocess.Popen(
-                list(argv), stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
-            )
+            popen = subprocess.Popen(list(argv), stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
         return cls(name, popen, log)
 
     @property

@@ -105,7 +105,7 @@ def document(rows: Sequence[Row], context: Mapping[str, str], notes: Sequence[st
         "",
         "msg/s is end to end: messages that reached the sink, divided by the time from the first",
         "connection to the last arrival (for clamd: scans per second). DATA→250 is measured from",
-        "the last byte of the DATA terminator leaving the load generator to the reply; \"to sink\"",
+        'the last byte of the DATA terminator leaving the load generator to the reply; "to sink"',
         "from the same moment to the sink's last write of the message. CPU is the gateway's own",
         "processes (not clamd, sink or load generator). Ratios compare with the baselines of the",
         "same run at the same concurrency (and messages per connection).",

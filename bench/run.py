@@ -126,7 +126,9 @@ def start_clamsmtp(options: Options, port: int, clamd_port: int, sink_port: int)
             f"TempDirectory: {tmp}\nPidFile: {options.work}/clamsmtpd.pid\nMaxConnections: 512\nAction: drop\n"
             "TimeOut: 180\n"
         )
-    proc = Proc.start("clamsmtpd", [need("clamsmtpd"), "-d", "0", "-f", conf], os.path.join(options.out, "clamsmtpd.log"))
+    proc = Proc.start(
+        "clamsmtpd", [need("clamsmtpd"), "-d", "0", "-f", conf], os.path.join(options.out, "clamsmtpd.log")
+    )
     wait_port(port, 10, proc)
     return proc
 
@@ -288,7 +290,9 @@ def _intact(sent: bytes, dumped: bytes) -> bool:
 # ---------------------------------------------------------------- one phase
 
 
-def run_load(env: Env, port: int, concurrency: int, per_connection: int, total: int, duration: float, tag: str) -> dict[str, Any]:
+def run_load(
+    env: Env, port: int, concurrency: int, per_connection: int, total: int, duration: float, tag: str
+) -> dict[str, Any]:
     spec_path = os.path.join(env.options.work, f"load-{tag}.json")
     out = os.path.join(env.options.work, f"load-{tag}.out.json")
     spec = {"host": "127.0.0.1", "port": port, "concurrency": concurrency, "per_connection": per_connection,

@@ -69,7 +69,12 @@ if [ -d "$DB" ] && [ ! -L "$DB" ]; then
     echo "clamd: $DB is now a link to the version $name"
 elif [ ! -e "$DB" ]; then
     name="$(new_version seed)"
-    mkdir "$VERSIONS/$name"
+    mkdir "$VERSIONS/.staging-seed-$$"
+    for sig in etc/clamav/*; do
+        case "$sig" in *.in | */README*) continue ;; esac
+        cp "$sig" "$VERSIONS/.staging-seed-$$/"
+    done
+    mv "$VERSIONS/.staging-seed-$$" "$VERSIONS/$name"
     switch_to "$name"
 fi
 

@@ -58,7 +58,10 @@ def _skeleton(raw: bytes) -> tuple[bytes, dict[str, str]]:
     elided: dict[str, str] = {}
     # Segments run from one "--" line (or the start) to the line end before the next one.
     starts = [0, *_dash_lines(raw)]
-    ends = starts[1:] + [len(raw)]
+    # The message's last line end stays in the skeleton: what the parser makes of it (keep or
+    # strip, depending on what the last line belongs to) it then does to the same bytes.
+    tail = len(raw) - (2 if raw.endswith(b"\r\n") else 1 if raw.endswith(b"\n") else 0)
+    ends = [*starts[1:], tail]
     done = 0
     for start, end in zip(starts, ends, strict=True):
         blank = _BLANK.search(raw, start, end)

@@ -125,6 +125,7 @@ class Fetcher:
                 f"{url}: cannot store it: {_describe(exc.error)}", temporary=False, reason="storage"
             ) from None
         except urllib.error.HTTPError as exc:
+            exc.close()  # it holds the response, and with it the connection
             temporary = exc.code >= 500 or exc.code in _TEMPORARY_STATUS
             raise FetchError(f"{url}: HTTP {exc.code} {exc.reason}", temporary=temporary, reason="http") from None
         except urllib.error.URLError as exc:

@@ -20,8 +20,13 @@ Topology (every name starts with `[broker].namespace`, here "smtpgw"):
       └─ smtpgw.delay.<ms>                      one TTL queue per retry delay (RetryLater, crashes),
                                                 dead-lettered back to the queue the job came from;
                                                 the broker deletes it when unused (x-expires)
-    smtpgw.dead                                 poison messages with `last_error`, for humans
+    smtpgw.dead                                 poison messages with `last_error`; the quarantine
+                                                service consumes it and files each under "dead"
     smtpgw.events (fanout exchange)             broadcasts such as "rules updated"
+
+Metrics: queue depths (`smtpgw_queue_depth`) and consumer counts
+(`smtpgw_queue_consumers`) come from a passive `queue.declare`, whose answer
+carries both: no management plugin is needed.
 
 Every queue is a quorum queue and every message persistent; dead-lettering
 uses the at-least-once strategy, so a message moving between queues is never

@@ -34,6 +34,7 @@ import json
 import logging
 import math
 import queue as queuelib
+import random
 import threading
 import time
 import traceback
@@ -78,6 +79,9 @@ DELIVERY_COUNT = "x-delivery-count"  # set by quorum queues: how often the messa
 PROBE_INTERVAL = 1.0  # accepting() asks the broker at most this often
 RETRY_GRACE = 2.0  # wait_idle: after its due time a retry counts as back even if another process took it
 STORE_ATTEMPTS = 5  # a worker tries this often to store its outputs before returning the job
+# The consumer connection retries at most this far apart: once the broker is back, work resumes
+# within this long (a refused connection costs the broker next to nothing).
+RECONNECT_MAX = 2.0
 DEAD_RETRY = 300.0  # a dead message its consumer could not take waits this long before the next try
 
 
@@ -369,8 +373,9 @@ class BrokerTransport(Transport):
                 else:
                     log.exception("consumer connection failed unexpectedly")
                 self._drop_connection()
-                self._halt.wait(backoff)
-                backoff = min(backoff * 2, 10.0)
+                # Jittered, so that the consumers of many processes do not reconnect in step.
+                self._halt.wait(backoff * random.uniform(0.5, 1.0))
+                backoff = min(backoff * 2, RECONNECT_MAX)
         self._drop_connection()
 
     def _reconcile(self) -> None:
@@ -579,6 +584,8 @@ class BrokerTransport(Transport):
 
     def _store(self, messages: Sequence[Message], queue: Queue) -> bool:
         """Publish a job's outputs, trying for a while (the job stays unacked meanwhile)."""
+        if not messages:
+            return True  # nothing to store: the job only needs its ack
         op = publish_op(messages)
         timeout = self._config.confirm_timeout * max(1, len(messages))
         for attempt in range(STORE_ATTEMPTS):

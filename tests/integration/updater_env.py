@@ -89,6 +89,7 @@ class Response:
     body: bytes = b""
     status: int = 200
     send: int | None = None  # send only this many bytes of the body, then cut the connection
+    stall: float = 0.0  # a slow peer: wait this long before answering
 
 
 @dataclass
@@ -96,8 +97,11 @@ class Site:
     """A loopback HTTP server; set `routes[path]` to change what it answers."""
 
     port: int
-    routes: dict[str, Response] = field(default_factory=dict)
+    routes: dict[str, Response | list[Response]] = field(
+        default_factory=dict
+    )  # a list: one per request, the last sticks
     hits: dict[str, int] = field(default_factory=dict)
+    stalling: threading.Event = field(default_factory=threading.Event)  # set: slow peers answer at once
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
@@ -114,8 +118,15 @@ def site() -> Iterator[Site]:
         protocol_version = "HTTP/1.1"
 
         def do_GET(self) -> None:
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # a client that gave up
+                self._answer()
+
+        def _answer(self) -> None:
             state.hits[self.path] = state.hits.get(self.path, 0) + 1
-            response = state.routes.get(self.path, Response(b"not here", 404))
+            route = state.routes.get(self.path, Response(b"not here", 404))
+            response = (route.pop(0) if len(route) > 1 else route[0]) if isinstance(route, list) else route
+            if response.stall:
+                state.stalling.wait(response.stall)
             self.send_response(response.status)
             self.send_header("Content-Length", str(len(response.body)))
             self.end_headers()
@@ -132,11 +143,12 @@ def site() -> Iterator[Site]:
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     state.port = server.server_address[1]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
         yield state
     finally:
+        state.stalling.set()
         server.shutdown()
         server.server_close()
 

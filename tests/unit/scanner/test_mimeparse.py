@@ -35,14 +35,26 @@ CASES = {
     "attachment": MIXED + b"--b\r\nContent-Type: text/plain\r\n\r\nhi\r\n--b\r\n"
     b"Content-Type: application/pdf\r\nContent-Transfer-Encoding: base64\r\n\r\n" + BIG + b"--b--\r\n",
     "long preamble and epilogue": MIXED + b"p\r\n" * 2000 + b"--b\r\n\r\n" + BIG + b"--b--\r\n" + b"e\r\n" * 2000,
-    "signature dashes in a body": MIXED + b"--b\r\n\r\n" + b"t\r\n" * 800 + b"-- \r\nme\r\n" + b"u\r\n" * 800
+    "signature dashes in a body": MIXED
+    + b"--b\r\n\r\n"
+    + b"t\r\n" * 800
+    + b"-- \r\nme\r\n"
+    + b"u\r\n" * 800
     + b"--b--\r\n",
-    "attached message": MIXED + b"--b\r\nContent-Type: message/rfc822\r\n\r\nSubject: inner\r\nX-A: 1\r\n\r\n" + BIG
+    "attached message": MIXED
+    + b"--b\r\nContent-Type: message/rfc822\r\n\r\nSubject: inner\r\nX-A: 1\r\n\r\n"
+    + BIG
     + b"--b--\r\n",
-    "attached message without blank line": MIXED + b"--b\r\nContent-Type: message/rfc822\r\n\r\nSubject: in\r\n"
-    + BIG + b"--b--\r\n",
-    "nested multipart": MIXED + b'--b\r\nContent-Type: multipart/alternative; boundary="c"\r\n\r\n' + b"x\r\n" * 900
-    + b"--c\r\n\r\n" + BIG + b"--c--\r\n--b--\r\n",
+    "attached message without blank line": MIXED
+    + b"--b\r\nContent-Type: message/rfc822\r\n\r\nSubject: in\r\n"
+    + BIG
+    + b"--b--\r\n",
+    "nested multipart": MIXED
+    + b'--b\r\nContent-Type: multipart/alternative; boundary="c"\r\n\r\n'
+    + b"x\r\n" * 900
+    + b"--c\r\n\r\n"
+    + BIG
+    + b"--c--\r\n--b--\r\n",
     "part without headers or blank line": MIXED + b"--b\r\nnot a header line\r\n" + BIG + b"--b--\r\n",
     "no closing boundary": MIXED + b"--b\r\nContent-Type: application/zip\r\n\r\n" + BIG,
     "bare CR": MIXED + b"--b\r\n\r\n" + BIG[:3000] + b"\r--b\r\n" + BIG + b"--b--\r\n",

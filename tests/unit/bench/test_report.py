@@ -1,0 +1,62 @@
+"""The benchmark's markdown table: every figure as a ratio to the same run's baselines."""
+
+from __future__ import annotations
+
+import math
+
+from bench import report
+
+
+def _row(system: str, c: int, k: int, rate: float, **extra: object) -> dict[str, object]:
+    return {"system": system, "concurrency": c, "per_connection": k, "rate": rate, **extra}
+
+
+ROWS = [
+    _row("loopback", 50, 1, 700.0, accept_p50=0.01, accept_p99=0.05, e2e_p50=0.005, e2e_p99=0.04),
+    _row("clamd", 50, 1, 800.0, accept_p50=0.02, accept_p99=0.1),
+    _row("ClamSMTP", 50, 1, 100.0, peak_rss={"clamsmtpd": 8 * 2**20}),
+    _row(
+        "smtpgw embedded",
+        50,
+        1,
+        350.0,
+        accept_p50=0.03,
+        accept_p99=0.12,
+        e2e_p50=0.2,
+        e2e_p99=0.9,
+        cpu_per_1000=2.345,
+        peak_rss={"all": 200 * 2**20},
+        stalls=0,
+    ),
+    _row("smtpgw embedded", 10, 20, 123.0, checks="3 accepted messages never arrived (text)"),
+]
+
+
+def test_ratios_against_the_baselines_of_the_same_concurrency() -> None:
+    base = report.baselines(ROWS)
+    loop, clamd, peer = report.ratios(ROWS[3], base)
+    assert (loop, clamd, peer) == (0.5, 0.4375, 3.5)
+    assert all(math.isnan(r) for r in report.ratios(ROWS[4], base))  # no baseline at 10 x 20
+
+
+def test_table_rows_and_cells() -> None:
+    text = report.table(ROWS)
+    lines = text.strip().splitlines()
+    assert len(lines) == 2 + len(ROWS)
+    assert lines[0].startswith("| system | conc. | msgs/conn | msg/s (end to end) | ÷ loopback")
+    gw = [c.strip() for c in lines[5].strip("|").split("|")]
+    assert gw[:7] == ["smtpgw embedded", "50", "1", "350", "0.50×", "0.44×", "3.50×"]
+    assert gw[7:13] == ["30 / 120", "200 / 900", "2.35", "200", "0", "ok"]
+    last = [c.strip() for c in lines[6].strip("|").split("|")]
+    assert last[4:7] == ["–", "–", "–"]
+    assert last[-1] == "3 accepted messages never arrived (text)"
+    clamd = [c.strip() for c in lines[3].strip("|").split("|")]
+    assert clamd[2] == "–"
+    assert clamd[5] == "1.00×"
+
+
+def test_document_has_context_table_and_notes() -> None:
+    text = report.document(ROWS, {"load average": "0.5 0.4 0.3"}, ["memory: 42 MiB"])
+    assert "- load average: 0.5 0.4 0.3" in text
+    assert "| smtpgw embedded | 50 |" in text
+    assert text.rstrip().endswith("memory: 42 MiB")
