@@ -10,7 +10,8 @@
 # starts only what is not running, so a second run does no network work.
 #   1. Debian packages: ClamAV (clamd, the clamav-testfiles corpus the scanner
 #      tests use), swaks (the README's test client), dnsmasq-base (a real DNS
-#      server for the delivery tests' MX lookups), Python's venv module when
+#      server for the delivery tests' MX lookups), prometheus (promtool checks
+#      and unit-tests the alert rules), Python's venv module when
 #      missing, rabbitmq-server when no broker answers on 127.0.0.1:5672, and
 #      redis-server (the delivery ledger's shared store) when no Redis answers
 #      on 127.0.0.1:6379. `apt-get update` runs only when something must be
@@ -46,7 +47,7 @@ VENV=.venv
 STAMP="$VENV/.smtpgw-pyproject"
 RABBITMQ_PORT=5672
 REDIS_PORT=6379
-PACKAGES=(clamav-daemon clamav clamav-testfiles clamdscan swaks dnsmasq-base)
+PACKAGES=(clamav-daemon clamav clamav-testfiles clamdscan swaks dnsmasq-base prometheus)
 
 say() { printf 'setup: %s\n' "$*"; }
 die() {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -9,8 +10,18 @@ from pathlib import Path
 import pytest
 
 RULES = Path(__file__).resolve().parents[3] / "etc" / "prometheus" / "smtpgw-alerts.yml"
-PROMTOOL = shutil.which("promtool")
-needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool is not installed (Debian package prometheus)")
+
+
+@pytest.fixture
+def promtool() -> str:
+    """promtool from Debian's prometheus package: skipped on a developer's machine without it, failed in CI."""
+    path = shutil.which("promtool")
+    if path is None:
+        if os.environ.get("CI", "") not in ("", "0", "false"):
+            pytest.fail("promtool is not installed (Debian package prometheus), and CI must test the alert rules")
+        pytest.skip("promtool is not installed (Debian package prometheus)")
+    return path
+
 
 LABELS = 'instance="gw:9101",job="smtpgw"'
 OVERDUE = (
@@ -76,16 +87,14 @@ tests:
 """
 
 
-@needs_promtool
-def test_the_rules_are_valid() -> None:
-    done = subprocess.run([str(PROMTOOL), "check", "rules", str(RULES)], capture_output=True, text=True, check=False)
+def test_the_rules_are_valid(promtool: str) -> None:
+    done = subprocess.run([promtool, "check", "rules", str(RULES)], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "SUCCESS: 3 rules found" in done.stdout
 
 
-@needs_promtool
-def test_the_alerts_fire_when_they_should(tmp_path: Path) -> None:
+def test_the_alerts_fire_when_they_should(promtool: str, tmp_path: Path) -> None:
     tests = tmp_path / "alerts_test.yml"
     tests.write_text(UNIT_TESTS)
-    done = subprocess.run([str(PROMTOOL), "test", "rules", str(tests)], capture_output=True, text=True, check=False)
+    done = subprocess.run([promtool, "test", "rules", str(tests)], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
