@@ -146,6 +146,9 @@ async def _session(
         await writer.drain()
         await s.reply()
     except (TimeoutError, OSError, SmtpError, asyncio.IncompleteReadError, ValueError) as exc:
+        if isinstance(exc, TimeoutError):  # no reply within REPLY_TIMEOUT: the worst stall there is
+            result.stalls += 1
+            exc = SmtpError(f"no reply within {REPLY_TIMEOUT:.0f}s")
         result.errors.append(f"{type(exc).__name__}: {exc}")
     finally:
         writer.close()

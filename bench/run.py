@@ -681,4 +681,5 @@ def run(options: Options) -> int:
     shutil.copy(path, os.path.join(options.out, "report.md"))
     print(text)
     say(f"report: {path}")
-    return 1 if any(row.get("problems") for row in env.rows) else 0
+    # A baseline's troubles (ClamSMTP stalling) are findings; smtpgw's mean the run failed.
+    return 1 if any(row.get("problems") for row in env.rows if row["system"].startswith("smtpgw")) else 0
