@@ -15,16 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import missing
+
 ROOT = Path(__file__).resolve().parent.parent
-IN_CI = os.environ.get("CI", "") not in ("", "0", "false")
 CLAMD_PORT = int(os.environ.get("CLAMD_PORT", "3310"))
 RABBITMQ_URL = os.environ.get("SMTPGW_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672/%2F")
-
-
-def _missing(what: str) -> None:
-    if IN_CI:
-        pytest.fail(f"{what} is not available, and CI must test it")
-    pytest.skip(f"{what} is not available here")
 
 
 def _clamd_pings() -> bool:
@@ -42,7 +37,7 @@ def clamd_address() -> str:
     if not _clamd_pings():
         subprocess.run([str(ROOT / "scripts" / "clamd.sh")], check=False, capture_output=True)
     if not _clamd_pings():
-        _missing(f"clamd on 127.0.0.1:{CLAMD_PORT}")
+        missing(f"clamd on 127.0.0.1:{CLAMD_PORT}")
     return f"tcp://127.0.0.1:{CLAMD_PORT}"
 
 
@@ -52,7 +47,7 @@ def rabbitmq_url() -> str:
         with socket.create_connection(("127.0.0.1", 5672), timeout=2):
             pass
     except OSError:
-        _missing("RabbitMQ on 127.0.0.1:5672")
+        missing("RabbitMQ on 127.0.0.1:5672")
     return RABBITMQ_URL
 
 

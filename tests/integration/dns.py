@@ -23,8 +23,7 @@ import dns.exception
 import dns.nameserver
 import dns.resolver
 
-from tests.conftest import _missing
-from tests.support import wait_until
+from tests.support import missing, wait_until
 
 
 @dataclass(frozen=True)
@@ -72,7 +71,7 @@ def dnsmasq(
     (name, address), `null_mx` and `nxdomain` as domains."""
     binary = shutil.which("dnsmasq") or ("/usr/sbin/dnsmasq" if Path("/usr/sbin/dnsmasq").exists() else None)
     if binary is None:
-        _missing("dnsmasq (Debian package dnsmasq-base)")
+        missing("dnsmasq (Debian package dnsmasq-base)")
     port = _free_udp_and_tcp_port()
     log = workdir / f"dnsmasq-{port}.log"
     args = [
