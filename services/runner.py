@@ -61,11 +61,8 @@ def start_consumers(config: Config, roles: set[str], transport: Transport, threa
 
         quarantine = Quarantine(config)
         transport.consume(Queue.QUARANTINE, quarantine.handle, 1)
-        try:
-            # Poison messages land on dead; the quarantine files them under "dead" with their reason.
-            transport.consume(Queue.DEAD, quarantine.handle_dead, 1)
-        except ValueError:
-            log.info("poison messages stay on the %s queue of this transport (smtpgw queue counts them)", Queue.DEAD)
+        # Poison messages land on dead; the quarantine files them under "dead" with their reason.
+        transport.consume(Queue.DEAD, quarantine.handle_dead, 1)
         quarantine.start_purger()
         running.closers.append(quarantine.close)
     updater = None

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from shared.envelope import Envelope, decode, encode
 from shared.errors import EnvelopeDecodeError, RetryLater, SpoolError
 from shared.metrics import JOBS
-from shared.transport import MAX_CRASHES, Handler, Job, Output, Queue, Transport
+from shared.transport import DEAD_RETRY, MAX_CRASHES, Handler, Job, Output, Queue, Transport, stand_in
 
 log = logging.getLogger(__name__)
 
@@ -251,8 +251,8 @@ class SpoolTransport(Transport):
     # ------------------------------------------------------------ consume
 
     def consume(self, queue: Queue, handler: Handler, workers: int) -> None:
-        if queue in (Queue.DEFERRED, Queue.DEAD):
-            raise ValueError(f"{queue} is not consumed by handlers")
+        if queue == Queue.DEFERRED:
+            raise ValueError(f"{queue} is a waiting room, not consumed by handlers")
         self._consumers[queue] = _Consumer(queue, handler, workers)
 
     def start(self) -> None:
@@ -376,10 +376,20 @@ class SpoolTransport(Transport):
             self._forget(consumer, name)  # taken by recovery or another step
             return
         except (OSError, EnvelopeDecodeError, ValueError) as exc:
-            log.error("unreadable spool file %s/%s moved to dead: %s", q, name, exc)
-            self._move_raw(q, Queue.DEAD, name)
-            self._forget(consumer, name)
-            return
+            if q != Queue.DEAD:
+                log.error("unreadable spool file %s/%s moved to dead: %s", q, name, exc)
+                self._move_raw(q, Queue.DEAD, name)
+                self._forget(consumer, name)
+                return
+            # On dead itself, the consumer (the quarantine) gets the raw bytes under a stand-in envelope.
+            try:
+                with open(os.path.join(self._dir(q), name), "rb") as fh:
+                    body = fh.read()
+            except OSError:
+                log.exception("cannot read %s/%s; trying again later", q, name)
+                self._add_timer(self._clock() + DEAD_RETRY, "retry", q, name)
+                return
+            envelope = stand_in(body, f"dead: unreadable spool file: {exc}")
         job = Job(q, envelope, body, self._crashes.get(name, 0))
         try:
             outputs = list(consumer.handler(job))
@@ -395,6 +405,9 @@ class SpoolTransport(Transport):
             crashes = self._crashes[name] = self._crashes.get(name, 0) + 1
             JOBS.labels(q.value, "crash").inc()
             log.exception("queue_id=%s handler for %s crashed (%d/%d)", envelope.queue_id, q, crashes, MAX_CRASHES)
+            if q == Queue.DEAD:  # nothing leaves dead for dead again: keep it, try again much later
+                self._add_timer(self._clock() + DEAD_RETRY, "retry", q, name)
+                return
             if crashes < MAX_CRASHES:
                 self._add_timer(self._clock() + self._crash_delay * crashes, "retry", q, name)
                 return

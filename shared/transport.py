@@ -13,8 +13,12 @@ Contract:
   in exactly one place, after the outputs are safe.
 - A handler raising `RetryLater` leaves the job queued and retries it after
   the delay. Any other exception is a crash: the job is retried, and after
-  `max_crashes` it moves to the `dead` queue with the reason, so a poison
-  message is neither lost nor retried forever.
+  `MAX_CRASHES` it moves to the `dead` queue with the reason, so a poison
+  message is neither lost nor retried forever. `dead` may have a consumer
+  (the quarantine files poison messages under "dead"); nothing goes from
+  dead to dead again: a failing dead consumer is retried after DEAD_RETRY,
+  and a dead message without a readable envelope reaches it under a
+  stand-in envelope (`stand_in`).
 - Messages put on `deliver.deferred` come back on `deliver` once
   `envelope.not_before` has passed (spool: a timer; broker: a TTL queue that
   dead-letters into `deliver`).
@@ -24,11 +28,13 @@ from __future__ import annotations
 
 import abc
 import enum
+import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from shared.envelope import Envelope
+from shared.envelope import Client, Envelope
 
 if TYPE_CHECKING:
     from shared.config import Config
@@ -43,11 +49,14 @@ class Queue(enum.StrEnum):
     DEAD = "dead"
 
 
-# Queues a consumer works on; DEFERRED is only a waiting room and DEAD a shunt for humans.
+# Queues whose poison messages go to DEAD. DEFERRED is a waiting room; DEAD is the end of the line
+# (the quarantine consumes it, and nothing goes from DEAD to DEAD again).
 WORK_QUEUES = (Queue.SCAN, Queue.DELIVER, Queue.BOUNCE, Queue.QUARANTINE)
 
 # Moves to the dead queue after this many crashes of the same job (Mailman's MAX_BAK_COUNT).
 MAX_CRASHES = 3
+# A dead message its consumer (the quarantine) could not take waits this long before the next try.
+DEAD_RETRY = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +76,22 @@ class Output:
     queue: Queue
     envelope: Envelope
     body: bytes
+
+
+def stand_in(frame: bytes, reason: str) -> Envelope:
+    """An envelope for a frame that has none we can read, so that it can be quarantined with its
+    reason like any poison message. No recipients: it can be inspected and deleted, not released."""
+    digest = hashlib.sha256(frame).hexdigest()
+    return Envelope(
+        queue_id=f"undecodable-{digest[:24]}",  # the same frame always gets the same id
+        received_at=datetime.now(UTC),
+        client=Client(ip="0.0.0.0"),
+        mail_from="",
+        rcpt_to=(),
+        size=len(frame),
+        sha256=digest,
+        last_error=reason,
+    )
 
 
 Handler = Callable[[Job], Sequence[Output]]

@@ -29,7 +29,6 @@ from __future__ import annotations
 import builtins
 import contextlib
 import functools
-import hashlib
 import json
 import logging
 import math
@@ -41,7 +40,6 @@ import traceback
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import pika
@@ -60,12 +58,12 @@ from shared.broker.publisher import (
 )
 from shared.broker.topology import DELAY, Names, Topology, delay_bucket
 from shared.config import BrokerConfig
-from shared.envelope import Client, Envelope
+from shared.envelope import Envelope
 from shared.errors import BrokerError, ConfigError, EnvelopeDecodeError, RetryLater
 from shared.logging import bound
 from shared.metrics import JOBS
 from shared.spool import pack, unpack
-from shared.transport import MAX_CRASHES, EventCallback, Handler, Job, Output, Queue, Transport
+from shared.transport import DEAD_RETRY, MAX_CRASHES, EventCallback, Handler, Job, Output, Queue, Transport, stand_in
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +80,6 @@ STORE_ATTEMPTS = 5  # a worker tries this often to store its outputs before retu
 # The consumer connection retries at most this far apart: once the broker is back, work resumes
 # within this long (a refused connection costs the broker next to nothing).
 RECONNECT_MAX = 2.0
-DEAD_RETRY = 300.0  # a dead message its consumer could not take waits this long before the next try
 
 
 @dataclass(eq=False)
@@ -105,22 +102,6 @@ class _Delivery:
     properties: Any
     body: bytes
     ack_requested: bool = False
-
-
-def stand_in(frame: bytes, reason: str) -> Envelope:
-    """An envelope for a frame that has none we can read, so that it can be quarantined with its
-    reason like any poison message. No recipients: it can be inspected and deleted, not released."""
-    digest = hashlib.sha256(frame).hexdigest()
-    return Envelope(
-        queue_id=f"undecodable-{digest[:24]}",  # the same frame always gets the same id
-        received_at=datetime.now(UTC),
-        client=Client(ip="0.0.0.0"),
-        mail_from="",
-        rcpt_to=(),
-        size=len(frame),
-        sha256=digest,
-        last_error=reason,
-    )
 
 
 def death_reason(headers: Mapping[str, Any]) -> str:

@@ -334,10 +334,27 @@ def test_consuming_a_waiting_room_is_refused(harness: Harness) -> None:
     transport = harness.make()
     with pytest.raises(ValueError, match="not consumed"):
         transport.consume(Queue.DEFERRED, Sink(), 1)
-    # The broker lets the quarantine consume dead (test_broker.py); the spool does not (yet).
-    if harness.kind == "embedded":
-        with pytest.raises(ValueError, match="not consumed"):
-            transport.consume(Queue.DEAD, Sink(), 1)
+
+
+def test_poison_reaches_the_dead_consumer_and_never_goes_back_to_dead(harness: Harness) -> None:
+    """The quarantine consumes dead: a poison message reaches it with its reason; a dead
+    consumer that fails keeps the message on dead (retried much later), never re-deads it."""
+    transport = harness.make()
+
+    def scan(job: Job) -> list[Output]:
+        raise RuntimeError("parser exploded")
+
+    dead_sink = Sink()
+    transport.consume(Queue.SCAN, scan, 1)
+    transport.consume(Queue.DEAD, dead_sink, 1)
+    transport.start()
+    envelope = make_envelope(b"poison")
+    transport.publish(Queue.SCAN, envelope, b"poison")
+    (job,) = dead_sink.wait_for(1)
+    assert job.envelope.queue_id == envelope.queue_id
+    assert "RuntimeError: parser exploded" in job.envelope.last_error
+    assert job.body == b"poison"
+    assert wait_until(lambda: transport.depth(Queue.DEAD) == 0, timeout=10)
 
 
 @pytest.mark.parametrize(

@@ -153,3 +153,40 @@ def test_publish_failure_raises_spool_error(spool_dir: Path) -> None:
         t.publish(Queue.SCAN, env(), b"x")
     assert files(spool_dir, Queue.SCAN) == []
     t.stop()
+
+
+def test_unreadable_file_reaches_the_dead_consumer_under_a_stand_in(spool_dir: Path) -> None:
+    (spool_dir / "scan").mkdir(exist_ok=True)
+    (spool_dir / "scan" / "BROKEN,0").write_bytes(b"this is not a spool file")
+    t = SpoolTransport(str(spool_dir))
+    got: list[Job] = []
+    done = threading.Event()
+    t.consume(Queue.SCAN, lambda job: pytest.fail("garbage reached the handler"), 1)
+    t.consume(Queue.DEAD, lambda job: (got.append(job), done.set(), [])[2], 1)
+    t.start()
+    assert done.wait(5)
+    assert t.wait_idle(5)
+    t.stop()
+    [job] = got
+    assert job.body == b"this is not a spool file"
+    assert job.envelope.queue_id.startswith("undecodable-")
+    assert job.envelope.rcpt_to == ()
+    assert "unreadable spool file" in job.envelope.last_error
+    assert files(spool_dir, Queue.DEAD) == []
+
+
+def test_a_failing_dead_consumer_keeps_the_message_on_dead(spool_dir: Path) -> None:
+    t = SpoolTransport(str(spool_dir))
+    calls = threading.Event()
+
+    def broken(job: Job) -> list[Output]:
+        calls.set()
+        raise OSError("quarantine disk full")
+
+    t.consume(Queue.DEAD, broken, 1)
+    t.start()
+    e = env()
+    t.publish(Queue.DEAD, e, b"poison")
+    assert calls.wait(5)
+    t.stop()
+    assert files(spool_dir, Queue.DEAD) == [f"{e.queue_id},0"]
