@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -23,6 +24,11 @@ from typing import Any
 from shared.errors import EnvelopeDecodeError
 
 SCHEMA = 1
+
+# What a queue id may look like: it names files in the spool, the quarantine and the ledger, so a
+# decoded envelope with anything else (a path, a NUL) is refused. Base32 ids plus the suffixes of
+# derived messages (".q", ".b1") and the broker's "undecodable-<hash>" stand-ins fit.
+QUEUE_ID = re.compile(r"[0-9A-Za-z][0-9A-Za-z._-]{0,127}")
 
 # Crockford's base32 alphabet: queue ids are case-insensitive-safe and avoid I, L, O, U.
 _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -137,6 +143,8 @@ def decode(data: bytes) -> Envelope:
         raise EnvelopeDecodeError("envelope is not a JSON object")
     if raw.get("schema") != SCHEMA:
         raise EnvelopeDecodeError(f"unknown envelope schema {raw.get('schema')!r}, this build reads {SCHEMA}")
+    if not isinstance(raw.get("queue_id"), str) or not QUEUE_ID.fullmatch(raw["queue_id"]):
+        raise EnvelopeDecodeError(f"envelope has an invalid queue id {str(raw.get('queue_id'))[:100]!r}")
     try:
         return Envelope(
             queue_id=str(raw["queue_id"]),

@@ -30,22 +30,19 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import threading
 from collections.abc import Iterable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
+from shared.envelope import QUEUE_ID
 from shared.errors import SpoolError
 
 if TYPE_CHECKING:
     from shared.config import Config
 
 log = logging.getLogger(__name__)
-
-# Queue ids are base32 plus derived suffixes (".b1"); anything else could escape the directory.
-_SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 class LedgerError(SpoolError):
@@ -80,7 +77,7 @@ class FileLedger:
             raise LedgerError(f"cannot create {self.directory}: {exc.strerror}") from None
 
     def _path(self, queue_id: str) -> str:
-        if not _SAFE_ID.fullmatch(queue_id):
+        if not QUEUE_ID.fullmatch(queue_id):
             raise ValueError(f"unsafe queue id {queue_id!r}")
         return os.path.join(self.directory, queue_id)
 
@@ -174,7 +171,7 @@ class RedisLedger:
         self._warned = False
 
     def key(self, queue_id: str) -> str:
-        if not _SAFE_ID.fullmatch(queue_id):
+        if not QUEUE_ID.fullmatch(queue_id):
             raise ValueError(f"unsafe queue id {queue_id!r}")
         return self._prefix + queue_id
 

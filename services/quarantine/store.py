@@ -16,17 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from shared.envelope import Action, Envelope
+from shared.envelope import QUEUE_ID, Action, Envelope
 from shared.errors import GatewayError
 from shared.spool import pack, read_envelope, unpack
-
-# Queue ids are base32 plus the ".q"/".bN" suffixes of derived messages; nothing else may name a file.
-_SAFE_ID = re.compile(r"[0-9A-Za-z][0-9A-Za-z.\-]{0,80}")
 
 
 class QuarantineError(GatewayError):
@@ -68,7 +64,7 @@ class QuarantineStore:
         """Store a message under `category` (default: `category_of` its verdicts), replacing an
         entry of the same id and category (a job retried after a crash stores it again)."""
         category = category or category_of(envelope)
-        if not _SAFE_ID.fullmatch(envelope.queue_id) or not _SAFE_ID.fullmatch(category):
+        if not QUEUE_ID.fullmatch(envelope.queue_id) or not QUEUE_ID.fullmatch(category):
             raise QuarantineError(f"refusing unsafe name {category}/{envelope.queue_id}")
         folder = os.path.join(self.root, category)
         path = os.path.join(folder, envelope.queue_id)
@@ -107,7 +103,7 @@ class QuarantineStore:
         yield from sorted(found, key=lambda e: e.quarantined_at)
 
     def get(self, queue_id: str) -> Entry:
-        if not _SAFE_ID.fullmatch(queue_id):
+        if not QUEUE_ID.fullmatch(queue_id):
             raise QuarantineError(f"no quarantined message {queue_id!r}")
         for entry in self.entries():
             if entry.queue_id == queue_id:
