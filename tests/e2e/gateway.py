@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import socket
-import struct
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -175,85 +172,3 @@ def wait_quiet(gateway: Gateway, timeout: float = 60) -> bool:
 
 def now() -> float:
     return time.monotonic()
-
-
-class TcpProxy:
-    """A TCP forwarder on 127.0.0.1:`listen_port` standing in for a peer (clamd), which a test can
-    take down like a stopped daemon (`stop`: the port refuses connections and the open ones are
-    cut mid-conversation) and bring back (`start`), or freeze (`pause`: bytes stop flowing, so
-    every caller is held mid-call, as by a clamd that hangs) and thaw (`resume`)."""
-
-    def __init__(self, listen_port: int, target_port: int) -> None:
-        self.listen_port = listen_port
-        self.target_port = target_port
-        self._server: socket.socket | None = None
-        self._open: set[socket.socket] = set()
-        self._lock = threading.Lock()
-        self._flowing = threading.Event()
-        self._flowing.set()
-
-    def pause(self) -> None:
-        self._flowing.clear()
-
-    def resume(self) -> None:
-        self._flowing.set()
-
-    def connections(self) -> int:
-        """Conversations open right now."""
-        with self._lock:
-            return len(self._open) // 2
-
-    def start(self) -> None:
-        server = socket.create_server(("127.0.0.1", self.listen_port))
-        self._server = server
-        threading.Thread(target=self._serve, args=(server,), daemon=True).start()
-
-    def stop(self) -> None:
-        server, self._server = self._server, None
-        if server is not None:
-            # Shutdown wakes the thread blocked in accept(); close alone would leave the port listening.
-            with contextlib.suppress(OSError):
-                server.shutdown(socket.SHUT_RDWR)
-            server.close()
-        with self._lock:
-            cut, self._open = self._open, set()
-        for sock in cut:
-            with contextlib.suppress(OSError):
-                # Linger 0: close with a reset, so no socket is left holding the port for a restart.
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
-        self._flowing.set()  # pipes held by a pause notice their sockets are gone
-
-    def _serve(self, server: socket.socket) -> None:
-        while True:
-            try:
-                client, _ = server.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
-                upstream.settimeout(None)
-            except OSError:
-                client.close()
-                continue
-            with self._lock:
-                self._open |= {client, upstream}
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                self._flowing.wait()
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            # Either direction ending ends the conversation: the other pipe's recv then fails.
-            for sock in (src, dst):
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-                sock.close()
-            with self._lock:
-                self._open -= {src, dst}

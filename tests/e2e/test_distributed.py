@@ -52,8 +52,8 @@ from services.quarantine.store import QuarantineStore
 from shared.broker import BrokerTransport
 from shared.config import BrokerConfig
 from shared.transport import Queue
-from tests.e2e.gateway import Gateway, Process, TcpProxy, metrics_text, port_open
-from tests.support import EICAR, free_port, missing, wait_until
+from tests.e2e.gateway import Gateway, Process, metrics_text, port_open
+from tests.support import EICAR, TcpProxy, free_port, missing, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -8,7 +8,6 @@ after the 250 loses nothing.
 
 from __future__ import annotations
 
-import contextlib
 import email
 import email.policy
 import io
@@ -25,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.gateway import Gateway, metrics_text, wait_quiet
-from tests.support import EICAR, TESTFILES, CaptureHandler, free_port, wait_until
+from tests.support import EICAR, TESTFILES, CaptureHandler, TcpProxy, free_port, wait_until
 
 pytestmark = [pytest.mark.e2e]
 
@@ -368,47 +367,11 @@ def test_clamd_down_holds_mail_until_it_is_back(
     gw.run_all()
     send(gw, message("waits for clamd"))
     assert not handler.wait_for(1, timeout=3)
-    target_port = int(clamd_address.rsplit(":", 1)[1])
-    with tcp_proxy(proxy_port, target_port):
+    proxy = TcpProxy(proxy_port, int(clamd_address.rsplit(":", 1)[1])).start()
+    try:
         assert handler.wait_for(1, timeout=30), gw.logs()
-
-
-class tcp_proxy:
-    """A forwarding proxy standing in for clamd's address, so a test can make clamd 'come back'."""
-
-    def __init__(self, listen_port: int, target_port: int) -> None:
-        self.server = socket.create_server(("127.0.0.1", listen_port), reuse_port=False)
-        self.target_port = target_port
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-
-    def __enter__(self) -> tcp_proxy:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.close()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                client, _ = self.server.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
+    finally:
+        proxy.stop()
 
 
 # ---------------------------------------------------------------- operations

@@ -27,7 +27,7 @@ from shared.envelope import Client, Envelope
 from shared.errors import RetryLater, ScanError, ScanLimitExceeded, ScannerUnavailable
 from shared.transport import Job, Queue
 from tests.conftest import ROOT
-from tests.support import EICAR, TESTFILES, free_port, missing, wait_until
+from tests.support import EICAR, TESTFILES, TcpProxy, free_port, missing, wait_until
 from tests.unit.scanner.builders import mail, settings, zip_of
 
 pytestmark = pytest.mark.integration
@@ -178,11 +178,11 @@ def test_connect_is_retried_until_clamd_is_back(clamd_address: str) -> None:
     """A clamd restarting: the first connection attempts fail, a later one succeeds."""
     port = free_port()
     target = int(clamd_address.rsplit(":", 1)[1])
-    proxy: RecordingProxy | None = None
+    proxy: TcpProxy | None = None
 
     def open_later() -> None:
         nonlocal proxy
-        proxy = RecordingProxy(target, port=port)
+        proxy = TcpProxy(port, target).start()
 
     clamd = ClamdClient(f"tcp://127.0.0.1:{port}", 10, connect_attempts=20, connect_wait=0.05)
     timer = threading.Timer(0.2, open_later)
@@ -192,7 +192,7 @@ def test_connect_is_retried_until_clamd_is_back(clamd_address: str) -> None:
     finally:
         timer.join()
         if proxy is not None:
-            proxy.close()
+            proxy.stop()
 
 
 # ---------------------------------------------------------------- a misbehaving clamd
@@ -334,60 +334,15 @@ def test_misbehaving_clamd_is_a_scan_error_never_a_pass(
 # ---------------------------------------------------------------- counting clamd calls
 
 
-class RecordingProxy:
-    """Forwards connections to a real clamd and counts them: one connection is one clamd call."""
-
-    def __init__(self, target_port: int, port: int = 0) -> None:
-        self.server = socket.create_server(("127.0.0.1", port))
-        self.target_port = target_port
-        self.connections = 0
-        self._lock = threading.Lock()
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    @property
-    def address(self) -> str:
-        return f"tcp://127.0.0.1:{self.server.getsockname()[1]}"
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                client, _ = self.server.accept()
-            except OSError:
-                return
-            with self._lock:
-                self.connections += 1
-            threading.Thread(target=self._relay, args=(client,), daemon=True).start()
-
-    def _relay(self, client: socket.socket) -> None:
-        with client, socket.create_connection(("127.0.0.1", self.target_port)) as upstream:
-            pipes = [
-                threading.Thread(target=self._pipe, args=pair) for pair in ((client, upstream), (upstream, client))
-            ]
-            for pipe in pipes:
-                pipe.start()
-            for pipe in pipes:
-                pipe.join()
-
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while data := src.recv(65536):
-                dst.sendall(data)
-        with contextlib.suppress(OSError):
-            dst.shutdown(socket.SHUT_WR)
-
-    def close(self) -> None:
-        self.server.close()
-
-
 @pytest.fixture
-def proxy(clamd_address: str) -> Iterator[RecordingProxy]:
-    p = RecordingProxy(int(clamd_address.rsplit(":", 1)[1]))
+def proxy(clamd_address: str) -> Iterator[TcpProxy]:
+    """Forwards to the real clamd and counts conversations: one connection is one clamd call."""
+    p = TcpProxy(free_port(), int(clamd_address.rsplit(":", 1)[1])).start()
     yield p
-    p.close()
+    p.stop()
 
 
-def test_a_clean_message_costs_exactly_one_clamd_call(proxy: RecordingProxy) -> None:
+def test_a_clean_message_costs_exactly_one_clamd_call(proxy: TcpProxy) -> None:
     handler = build_handler(Config(), ClamdClient(proxy.address, 30))
     body = mail(
         "Hello,\nthe report is attached.\n",
@@ -396,11 +351,11 @@ def test_a_clean_message_costs_exactly_one_clamd_call(proxy: RecordingProxy) -> 
     [out] = handler(job(body))
     assert out.queue is Queue.DELIVER
     assert out.body is body
-    assert proxy.connections == 1
+    assert proxy.accepted == 1
 
 
-def test_an_archive_attachment_is_also_scanned_alone(proxy: RecordingProxy) -> None:
+def test_an_archive_attachment_is_also_scanned_alone(proxy: TcpProxy) -> None:
     handler = build_handler(Config(), ClamdClient(proxy.address, 30))
     [out] = handler(job(mail(attachments=[("docs.zip", zip_of([("a.txt", b"a")]))])))
     assert out.queue is Queue.DELIVER
-    assert proxy.connections == 2
+    assert proxy.accepted == 2
