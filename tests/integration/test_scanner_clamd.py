@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,8 +24,8 @@ from shared.config import Config
 from shared.envelope import Client, Envelope
 from shared.errors import RetryLater, ScanError, ScanLimitExceeded, ScannerUnavailable
 from shared.transport import Job, Queue
-from tests.conftest import ROOT
-from tests.support import EICAR, TESTFILES, TcpProxy, free_port, missing, wait_until
+from tests.integration.peers import OwnClamd, own_clamd
+from tests.support import EICAR, TESTFILES, TcpProxy, free_port, wait_until
 from tests.unit.scanner.builders import mail, settings, zip_of
 
 pytestmark = pytest.mark.integration
@@ -76,51 +74,12 @@ def test_emax_archive_is_found_on_its_own(clamd_address: str) -> None:
 # ---------------------------------------------------------------- an operator's clamd
 
 
-@dataclass
-class OwnClamd:
-    tcp: str
-    unix: str
-    process: subprocess.Popen[bytes]
-
-
 @pytest.fixture(scope="module")
 def permissive_clamd(clamd_address: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OwnClamd]:
     """A second clamd, configured the way an operator might: without AlertExceedsMax, so a
     limit it hits reads as OK. Also the test's Unix socket peer."""
-    binary = shutil.which("clamd")
-    if binary is None:
-        missing("clamd")
-    base = tmp_path_factory.mktemp("clamd")
-    (base / "db").mkdir()
-    (base / "tmp").mkdir()
-    for sig in (ROOT / "etc" / "clamav").iterdir():
-        if sig.suffix not in (".in", ".md") and sig.is_file():
-            shutil.copy(sig, base / "db")
-    port = free_port()
-    conf = (ROOT / "etc" / "clamav" / "clamd.conf.in").read_text()
-    conf = conf.replace("@VAR@/clamd/clamd.sock", str(base / "clamd.sock")).replace("@PORT@", str(port))
-    conf = conf.replace("@VAR@/clamav", str(base / "db")).replace("@VAR@/clamd/tmp", str(base / "tmp"))
-    conf = conf.replace("@VAR@/clamd", str(base)).replace("Foreground no", "Foreground yes")
-    conf = conf.replace("AlertExceedsMax yes", "AlertExceedsMax no")
-    (base / "clamd.conf").write_text(conf)
-    output = (base / "clamd.out").open("wb")
-    process = subprocess.Popen(
-        [binary, f"--config-file={base / 'clamd.conf'}"], stdout=output, stderr=subprocess.STDOUT
-    )
-    own = OwnClamd(f"tcp://127.0.0.1:{port}", f"unix://{base / 'clamd.sock'}", process)
-    try:
-        probe = ClamdClient(own.tcp, 2, connect_attempts=1)
-        if not wait_until(lambda: process.poll() is not None or probe.ping(), timeout=60) or process.poll() is not None:
-            pytest.fail(f"clamd did not start: {(base / 'clamd.out').read_text()}")
-        yield own
-    finally:
-        process.terminate()
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
-        output.close()
+    with own_clamd(tmp_path_factory.mktemp("clamd"), {"AlertExceedsMax": "no"}) as clamd:
+        yield clamd
 
 
 def test_unix_socket(permissive_clamd: OwnClamd) -> None:
@@ -132,14 +91,14 @@ def test_unix_socket(permissive_clamd: OwnClamd) -> None:
 
 
 def test_reload(permissive_clamd: OwnClamd) -> None:
-    clamd = ClamdClient(permissive_clamd.tcp, 30)
+    clamd = ClamdClient(permissive_clamd.address, 30)
     clamd.reload()
     assert wait_until(clamd.ping, timeout=30)
     assert clamd.scan(EICAR).found
 
 
 def test_a_clamd_without_alert_exceeds_max_cannot_pass_the_emax_archive(permissive_clamd: OwnClamd) -> None:
-    clamd = ClamdClient(permissive_clamd.tcp, 30)
+    clamd = ClamdClient(permissive_clamd.address, 30)
     body = mail("see attached\n", [("clam_cache_emax.tgz", EMAX.read_bytes())])
     # This clamd turns its recursion limit into "OK", on its own and inside a message...
     assert clamd.scan(EMAX.read_bytes()).clean

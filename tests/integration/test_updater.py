@@ -22,7 +22,7 @@ from services.updater.canary import CLEAN_SAMPLES
 from services.updater.state import Result
 from shared.config import Config, ScannerConfig, UpdaterConfig
 from shared.rules import load_rules
-from tests.integration.updater_env import EicarWatch, OwnClamd, Response, Site, ndb, own_clamd, site
+from tests.integration.peers import EicarWatch, OwnClamd, Response, Site, ndb, own_clamd, site
 
 pytestmark = pytest.mark.integration
 

@@ -10,7 +10,7 @@ from prometheus_client import REGISTRY
 
 from services.updater.errors import FetchError
 from services.updater.fetch import Fetcher
-from tests.integration.updater_env import Response, Site, site
+from tests.integration.peers import Response, Site, site
 from tests.support import free_port
 
 pytestmark = pytest.mark.integration

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.gateway import Gateway
-from tests.integration.updater_env import Response, ndb, own_clamd, site
+from tests.integration.peers import Response, ndb, own_clamd, site
 from tests.support import capture_server
 
 pytestmark = pytest.mark.integration

@@ -1,4 +1,4 @@
-"""Real peers for the updater's tests: a throw-away clamd of our own, and a loopback HTTP
+"""Real peers for integration tests: a throw-away clamd of our own, and a loopback HTTP
 server whose answers a test scripts (good files, errors, truncated transfers).
 
 The throw-away clamd uses the project's clamd.conf.in with its own port, socket and database
@@ -10,11 +10,12 @@ second.
 from __future__ import annotations
 
 import contextlib
+import re
 import shutil
 import socket
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -34,7 +35,8 @@ def ndb(name: str, pattern: bytes) -> bytes:
 
 @dataclass
 class OwnClamd:
-    address: str
+    address: str  # tcp://127.0.0.1:<port>
+    unix: str  # unix://<base>/clamd.sock
     database_dir: Path
     process: subprocess.Popen[bytes]
     log: Path
@@ -44,8 +46,9 @@ class OwnClamd:
 
 
 @contextlib.contextmanager
-def own_clamd(base: Path) -> Iterator[OwnClamd]:
-    """clamd with the project's config and signatures, in `base`, on a port of its own."""
+def own_clamd(base: Path, settings: Mapping[str, str] | None = None) -> Iterator[OwnClamd]:
+    """clamd with the project's config and signatures, in `base`, on a port of its own, never the
+    shared one other tests use. `settings` replaces clamd.conf lines ("AlertExceedsMax": "no")."""
     binary = shutil.which("clamd")
     if binary is None:
         missing("clamd")
@@ -60,13 +63,16 @@ def own_clamd(base: Path) -> Iterator[OwnClamd]:
     conf = conf.replace("@VAR@/clamd/clamd.sock", str(base / "clamd.sock")).replace("@PORT@", str(port))
     conf = conf.replace("@VAR@/clamav", str(database)).replace("@VAR@/clamd/tmp", str(base / "tmp"))
     conf = conf.replace("@VAR@/clamd", str(base)).replace("Foreground no", "Foreground yes")
+    for key, value in (settings or {}).items():
+        conf, found = re.subn(rf"(?m)^{key} .*$", f"{key} {value}", conf)
+        assert found, f"clamd.conf.in has no {key} line"
     (base / "clamd.conf").write_text(conf)
     out = base / "clamd.out"
     with out.open("wb") as output:
         process = subprocess.Popen(
             [binary, f"--config-file={base / 'clamd.conf'}"], stdout=output, stderr=subprocess.STDOUT
         )
-    clamd = OwnClamd(f"tcp://127.0.0.1:{port}", database, process, base / "clamd.log")
+    clamd = OwnClamd(f"tcp://127.0.0.1:{port}", f"unix://{base / 'clamd.sock'}", database, process, base / "clamd.log")
     try:
         probe = clamd.client(2)
         if not wait_until(lambda: process.poll() is not None or probe.ping(), timeout=60) or process.poll() is not None:
