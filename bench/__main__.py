@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rabbitmq-url", default=defaults.rabbitmq_url)
     p.add_argument("--real-corpus", default="", help="directory of real messages, one per file")
     p.add_argument("--no-clamd-cache", action="store_true", help="clamd with DisableCache yes")
-    p.add_argument("--profile", choices=["", "embedded"], default="", help="py-spy the embedded gateway")
+    p.add_argument("--no-profile", action="store_true", help="skip the py-spy profile of the embedded gateway")
     p.add_argument("--out", default=defaults.out)
     args = p.parse_args(argv)
     options = Options(
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         rabbitmq_url=args.rabbitmq_url,
         real_corpus=args.real_corpus,
         clamd_cache=not args.no_clamd_cache,
-        profile=args.profile,
+        profile="" if args.no_profile else "embedded",
         out=args.out,
     )
     return run(options)

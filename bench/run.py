@@ -50,14 +50,14 @@ class Options:
     concurrency: tuple[int, ...] = (1, 10, 50)
     per_connection: tuple[int, ...] = (1, 20)
     stall_concurrency: int = 200
-    systems: tuple[str, ...] = ("loopback", "clamd", "clamsmtp", "embedded", "rabbitmq", "memory")
+    systems: tuple[str, ...] = ("loopback", "clamd", "clamsmtp", "embedded", "embedded-split", "rabbitmq", "memory")
     scanners: tuple[int, ...] = (1, 2, 4)
     rabbitmq_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
     real_corpus: str = ""
     out: str = os.path.join(ROOT, "bench", "out")
     work: str = os.path.join(ROOT, "var", "bench")
     clamd_cache: bool = True  # clamd's default; False: DisableCache yes
-    profile: str = ""  # "embedded": record a py-spy flame graph of the gateway at concurrency 50
+    profile: str = "embedded"  # "embedded": a py-spy profile of the gateway at the top concurrency ("": none)
 
 
 @dataclass
@@ -486,6 +486,24 @@ def run_embedded(env: Env) -> None:
             env.sampler.forget(proc.pid)
 
 
+def run_embedded_split(env: Env) -> None:
+    """The embedded spool with each service in a process of its own (`smtpgw run receiver` etc.
+    on one spool directory): no broker, and every core at work."""
+    port = free_port()
+    config = gateway_config(env.options, port, env, broker="embedded", name="embedded-split")
+    roles = ["receiver", "scanner", "delivery", "quarantine"]
+    procs = start_gateway(env, config, roles, "embedded-split")
+    try:
+        wait_port(port, 30, procs[0])
+        _warm(env, port, roles)
+        for c, k in [(c, k) for c, k in matrix(env.options) if c > 1]:
+            measure(env, "smtpgw embedded, 4 processes", port, c, k, roles=roles)
+    finally:
+        for proc in procs:
+            proc.stop()
+            env.sampler.forget(proc.pid)
+
+
 def run_rabbitmq(env: Env) -> None:
     if not rabbitmq_up(env.options.rabbitmq_url):
         env.notes.append("RabbitMQ mode not measured: no broker answers at " + env.options.rabbitmq_url)
@@ -520,9 +538,8 @@ def profile(env: Env, proc: Proc, port: int, concurrency: int, per_connection: i
         env.notes.append("no profile: py-spy is not installed (pip install '.[bench]')")
         return
     count, duration = phase_total(env.options, concurrency)
-    svg = os.path.join(env.options.out, "profile-embedded.svg")
     raw = os.path.join(env.options.out, "profile-embedded.txt")
-    say(f"profiling the embedded gateway at concurrency {concurrency} -> {svg}")
+    say(f"profiling the embedded gateway at concurrency {concurrency} -> {raw}")
     spy = subprocess.Popen([py_spy, "record", "--pid", str(proc.pid), "--threads", "--gil", "--rate", "250",
                             "--format", "raw", "-o", raw, "--duration", str(int(duration) + 30)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
@@ -534,8 +551,17 @@ def profile(env: Env, proc: Proc, port: int, concurrency: int, per_connection: i
     finally:
         spy.send_signal(2)
         spy.wait(60)
-    env.notes.append(f"profile of the embedded gateway at concurrency {concurrency}: {raw} (py-spy raw; "
-                     "flamegraph.pl or speedscope read it)")  # fmt: skip
+    from bench.profile import summarise, table, top_functions
+
+    with open(raw) as fh:
+        lines = fh.readlines()
+    total = max(1, sum(summarise(lines).values()))
+    top = ", ".join(f"{f.split(' (')[0]} {100 * n / total:.0f}%" for f, n in top_functions(lines, 5))
+    env.notes.append(
+        f"Profile of the embedded gateway at concurrency {concurrency} (py-spy, samples holding the GIL; raw "
+        f"stacks in {raw}, which flamegraph.pl and speedscope read). Busiest functions: {top}.\n\n"
+        + table(summarise(lines))
+    )
 
 
 # ---------------------------------------------------------------- memory
@@ -651,6 +677,8 @@ def run(options: Options) -> int:
             run_clamsmtp(env)
         if "embedded" in systems:
             run_embedded(env)
+        if "embedded-split" in systems:
+            run_embedded_split(env)
         if "rabbitmq" in systems:
             run_rabbitmq(env)
     finally:

@@ -9,7 +9,7 @@
 #      Installing them must not leave a Postfix master or a clamsmtpd running (they would
 #      hold port 25 / 10025): policy-rc.d forbids starting services during the install, and
 #      Postfix is preseeded to "No configuration".
-#   2. The venv's [bench] extra (py-spy, for `--profile embedded`).
+#   2. The venv's [bench] extra (py-spy: the report profiles the embedded gateway).
 #   3. `python -m bench "$@"`: it starts its own clamd (own port, project signatures), sink
 #      and ClamSMTP, runs every phase, stops what it started, and writes
 #      bench/out/report.md (plus the JSON results and the processes' logs in bench/out/).

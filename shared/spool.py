@@ -18,6 +18,11 @@ Speed without giving up any of that (a message costs a few fsyncs, not a dozen):
 - Removing a finished job's file is not fsynced. If a crash undoes the
   removal, the job comes back: a superseded generation is dropped by recovery,
   a delivered message is skipped by the delivery ledger. Nothing is lost.
+- A consumer in another process hears of a new file at once: each consumer
+  binds a datagram socket `<root>/<queue>.notify` and publishers send it the
+  file name (best effort; the rescan still finds whatever a lost datagram
+  announced). So `run receiver`, `run scanner` and `run delivery` on one spool
+  use both cores of a small machine without waiting for the rescan.
 - A message handed on to a consumer in this process travels in memory too
   (within `HANDOFF_BYTES`), so the next step does not read back and decode the
   file it was just written from; the file stays the durable copy.
@@ -36,9 +41,11 @@ import heapq
 import logging
 import os
 import queue as queuelib
+import socket
 import threading
 import time
 import traceback
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -132,6 +139,7 @@ class _Consumer:
     ready: queuelib.Queue[str | None] = field(default_factory=queuelib.Queue)
     known: set[str] = field(default_factory=set)  # queued or in flight in this process
     lock_fd: int = -1
+    notify: socket.socket | None = None  # where other processes announce new files of this queue
 
 
 class SpoolTransport(Transport):
@@ -162,6 +170,7 @@ class SpoolTransport(Transport):
         # name -> (envelope, body) of files announced to this process's consumers (see HANDOFF_BYTES).
         self._handoff: dict[str, tuple[Envelope, bytes]] = {}
         self._handoff_bytes = 0
+        self._sender: socket.socket | None = None  # announces files to consumers in other processes
         try:
             for q in [*Queue, "tmp"]:
                 os.makedirs(self._dir(q), exist_ok=True)
@@ -226,6 +235,8 @@ class SpoolTransport(Transport):
             return
         consumer = self._consumers.get(queue)
         if consumer is None:
+            if queue not in (Queue.DEFERRED, Queue.DEAD):
+                self._tell_other_process(queue, name)
             return
         with self._cond:
             if name in consumer.known:
@@ -263,11 +274,64 @@ class SpoolTransport(Transport):
                 fcntl.flock(consumer.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise SpoolError(f"queue {consumer.queue} in {self.root} is consumed by another process") from None
+            consumer.notify = self._bind_notify(consumer.queue)
         self._recover()
         for consumer in self._consumers.values():
             for i in range(consumer.workers):
                 self._spawn(f"{consumer.queue}-{i}", self._work, consumer)
+            if consumer.notify is not None:
+                self._spawn(f"{consumer.queue}-notify", self._listen, consumer)
         self._spawn("spool-timer", self._timer_loop)
+
+    def _notify_path(self, queue: Queue) -> str:
+        return os.path.join(self.root, f"{queue}.notify")
+
+    def _bind_notify(self, queue: Queue) -> socket.socket | None:
+        """The socket other processes announce new files of `queue` to; None when the path is
+        too long for a Unix socket (sun_path) or cannot be bound: then the rescan alone finds them."""
+        path = self._notify_path(queue)
+        if len(os.fsencode(path)) >= 100:
+            return None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # a dead consumer's: the queue's lock is ours now
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            sock.bind(path)
+            os.chmod(path, 0o600)
+        except OSError as exc:
+            sock.close()
+            log.warning("no notification socket for %s (%s); relying on the rescan", queue, exc.strerror)
+            return None
+        return sock
+
+    def _listen(self, consumer: _Consumer) -> None:
+        sock = consumer.notify
+        assert sock is not None
+        while not self._stopping.is_set():
+            try:
+                data = sock.recv(512)
+            except OSError:
+                return
+            name = data.decode("utf-8", "replace")
+            if "," in name and "/" not in name and not name.startswith("."):
+                self._announce(consumer.queue, name, None)
+
+    def _tell_other_process(self, queue: Queue, name: str) -> None:
+        """Best effort: a consumer process that does not hear it finds the file at its rescan."""
+        sender = self._sender
+        if sender is None:
+            sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            sender.setblocking(False)
+            with self._cond:
+                if self._sender is None:
+                    self._sender = sender
+                    # Publish-only transports (the CLI's) are seldom stopped: close it when collected.
+                    weakref.finalize(self, sender.close)
+                else:
+                    sender.close()
+                    sender = self._sender
+        with contextlib.suppress(OSError):  # no consumer process, or its buffer is full
+            sender.sendto(name.encode(), self._notify_path(queue))
 
     def _spawn(self, name: str, target: Callable[..., None], *args: object) -> None:
         thread = threading.Thread(target=target, args=args, name=name, daemon=True)
@@ -504,11 +568,18 @@ class SpoolTransport(Transport):
         for consumer in self._consumers.values():
             for _ in range(consumer.workers):
                 consumer.ready.put(None)
+            if consumer.notify is not None:
+                consumer.notify.shutdown(socket.SHUT_RDWR)  # wakes its listener
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         self._threads.clear()
         for consumer in self._consumers.values():
+            if consumer.notify is not None:
+                consumer.notify.close()
+                consumer.notify = None
+                with contextlib.suppress(OSError):
+                    os.unlink(self._notify_path(consumer.queue))
             if consumer.lock_fd >= 0:
                 os.close(consumer.lock_fd)
                 consumer.lock_fd = -1
@@ -519,3 +590,6 @@ class SpoolTransport(Transport):
         with self._cond:
             self._handoff.clear()
             self._handoff_bytes = 0
+            if self._sender is not None:
+                self._sender.close()
+                self._sender = None
