@@ -51,6 +51,14 @@ def _pair(a: float, b: float) -> str:
     return f"{_num(a * 1000)} / {_num(b * 1000)}"
 
 
+def _cpu(row: Row) -> str:
+    text = _num(row.get("cpu_per_1000", math.nan), 2)
+    by_role = row.get("cpu_per_1000_by_role") or {}
+    if len(by_role) > 1:
+        text += " (" + ", ".join(f"{k} {v:.1f}" for k, v in by_role.items()) + ")"
+    return text
+
+
 def baselines(rows: Sequence[Row]) -> dict[tuple[str, int, int], float]:
     """(system, concurrency, per_connection) -> msg/s of the baseline systems."""
     out = {}
@@ -88,7 +96,7 @@ def table(rows: Sequence[Row]) -> str:
             _ratio(to_peer) if row["system"] != "ClamSMTP" else "1.00×",
             _pair(row.get("accept_p50", math.nan), row.get("accept_p99", math.nan)),
             _pair(row.get("e2e_p50", math.nan), row.get("e2e_p99", math.nan)),
-            _num(row.get("cpu_per_1000", math.nan), 2),
+            _cpu(row),
             rss_text,
             str(row.get("stalls", 0)),
             row.get("checks", "") or "ok",

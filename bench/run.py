@@ -356,6 +356,10 @@ def measure(
         problems.append(f"{load['error_count']} session errors (first: {load['errors'][0]})")
     last = max(times.values()) if times else load["finished"]
     gateway_cpu = cpu_delta(cpu_before, cpu_after)
+    by_role: dict[str, float] = {}
+    for pid, used in cpu_after.items():
+        role = env.sampler.pids.get(pid, "?")
+        by_role[role] = by_role.get(role, 0.0) + used - cpu_before.get(pid, 0.0)
     row: dict[str, Any] = {
         "system": system,
         "concurrency": concurrency,
@@ -373,6 +377,7 @@ def measure(
         "max_wait": load["max_wait"],
         "cpu_gateway": gateway_cpu,
         "cpu_per_1000": per_thousand(gateway_cpu, len(times)) if roles else math.nan,
+        "cpu_per_1000_by_role": {r: per_thousand(c, len(times)) for r, c in sorted(by_role.items())},
         "cpu_clamd_per_1000": per_thousand(cpu_delta(clamd_before, clamd_after), len(times)),
         "machine_busy": (busy_after - busy_before) / max(1e-9, all_after - all_before),
         "peak_rss": peaks,
