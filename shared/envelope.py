@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import json
 import re
 import secrets
@@ -113,15 +114,26 @@ class Envelope:
 # ---------------------------------------------------------------- codec
 
 
-def _default(obj: object) -> object:
+def _plain(obj: object) -> object:
+    """Envelope -> JSON-ready values. Hand-rolled: `dataclasses.asdict` deep-copies every value,
+    which made encoding cost ~170 µs, once per message per step."""
     if isinstance(obj, datetime):
         return obj.isoformat()
-    raise TypeError(f"cannot encode {type(obj).__name__}")
+    if isinstance(obj, tuple):
+        return [_plain(v) for v in obj]
+    if dataclasses.is_dataclass(obj):
+        return {name: _plain(getattr(obj, name)) for name in _field_names(type(obj))}
+    return obj
+
+
+@functools.cache
+def _field_names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
 
 
 def encode(env: Envelope) -> bytes:
     """Envelope -> compact JSON bytes."""
-    return json.dumps(dataclasses.asdict(env), default=_default, separators=(",", ":")).encode()
+    return json.dumps(_plain(env), separators=(",", ":")).encode()
 
 
 def _dt(value: object) -> datetime | None:
