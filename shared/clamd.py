@@ -192,7 +192,8 @@ class ClamdClient:
         for offset in range(0, len(view), CHUNK_SIZE):
             chunk = view[offset : offset + CHUNK_SIZE]
             self._set_timeout(sock, deadline)
-            sock.sendall(struct.pack("!L", len(chunk)) + chunk)
+            # Length prefix and chunk in one call, without copying the chunk into a new bytes.
+            _send_all(sock, [struct.pack("!L", len(chunk)), chunk])
         self._set_timeout(sock, deadline)
         sock.sendall(struct.pack("!L", 0))
 
@@ -250,3 +251,15 @@ class ClamdClient:
         except OSError as exc:
             raise ScannerUnavailable(f"cannot connect to clamd at {self.address}: {exc}") from None
         raise AssertionError("unreachable: tenacity either returns or reraises")  # pragma: no cover
+
+
+def _send_all(sock: socket.socket, pieces: list[bytes | memoryview]) -> None:
+    """sendall() for several buffers (sendmsg may send only part of them)."""
+    views = [memoryview(p).cast("B") for p in pieces]
+    while views:
+        sent = sock.sendmsg(views)
+        while views and sent >= len(views[0]):
+            sent -= len(views[0])
+            views.pop(0)
+        if views and sent:
+            views[0] = views[0][sent:]
