@@ -308,6 +308,7 @@ class BrokerConfig:
 class SpoolConfig:
     dir: str = setting("var/spool", _str)
     fsync: bool = setting(True, _bool)
+    min_free: int = setting("1GiB", parse_size)
 
 
 @dataclass(frozen=True, slots=True)

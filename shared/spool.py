@@ -151,9 +151,13 @@ class SpoolTransport(Transport):
         rescan: float = 1.0,
         crash_delay: float = 1.0,
         clock: Callable[[], float] = time.time,
+        max_scan_queue: int = 0,
+        min_free: int = 0,
     ) -> None:
         self.root = os.path.abspath(root)
         self._fsync = fsync
+        self._max_scan_queue = max_scan_queue  # 0: no bound
+        self._min_free = min_free
         self._rescan = rescan
         self._crash_delay = crash_delay
         self._clock = clock
@@ -546,6 +550,20 @@ class SpoolTransport(Transport):
             with contextlib.suppress(OSError, EnvelopeDecodeError, ValueError):
                 out.append((name, read_envelope(os.path.join(self._dir(queue), name))))
         return out
+
+    def accepting(self) -> str | None:
+        """Back-pressure: refuse new mail (451 4.3.2) before the spool's disk fills up or the
+        scan backlog grows past its bound, instead of failing writes or queueing without end."""
+        if self._min_free:
+            try:
+                st = os.statvfs(self.root)
+            except OSError as exc:
+                return f"spool unusable: {exc.strerror}"
+            if st.f_bavail * st.f_frsize < self._min_free:
+                return "spool disk nearly full"
+        if self._max_scan_queue and self.depth(Queue.SCAN) > self._max_scan_queue:
+            return f"more than {self._max_scan_queue} messages wait to be scanned"
+        return None
 
     def wait_idle(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout

@@ -152,7 +152,12 @@ def open_transport(config: Config) -> Transport:
     if config.broker.url == "embedded":
         from shared.spool import SpoolTransport
 
-        return SpoolTransport(config.spool.dir, fsync=config.spool.fsync)
+        return SpoolTransport(
+            config.spool.dir,
+            fsync=config.spool.fsync,
+            max_scan_queue=config.broker.max_scan_queue,
+            min_free=config.spool.min_free,
+        )
     from shared.broker import BrokerTransport
 
     return BrokerTransport(config.broker, retry_interval=config.delivery.retry_interval)

@@ -190,3 +190,23 @@ def test_a_failing_dead_consumer_keeps_the_message_on_dead(spool_dir: Path) -> N
     assert calls.wait(5)
     t.stop()
     assert files(spool_dir, Queue.DEAD) == [f"{e.queue_id},0"]
+
+
+def test_back_pressure_on_scan_backlog(spool_dir: Path) -> None:
+    t = SpoolTransport(str(spool_dir), max_scan_queue=2)
+    for _ in range(2):
+        t.publish(Queue.SCAN, env(), b"x")
+    assert t.accepting() is None
+    t.publish(Queue.SCAN, env(), b"x")
+    assert t.accepting() == "more than 2 messages wait to be scanned"
+    t.stop()
+
+
+def test_back_pressure_when_the_disk_is_nearly_full(spool_dir: Path) -> None:
+    st = os.statvfs(spool_dir)
+    free = st.f_bavail * st.f_frsize
+    roomy, cramped = SpoolTransport(str(spool_dir), min_free=free // 2), SpoolTransport(str(spool_dir), min_free=free * 2)
+    assert roomy.accepting() is None
+    assert cramped.accepting() == "spool disk nearly full"
+    roomy.stop()
+    cramped.stop()
