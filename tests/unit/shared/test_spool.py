@@ -205,7 +205,10 @@ def test_back_pressure_on_scan_backlog(spool_dir: Path) -> None:
 def test_back_pressure_when_the_disk_is_nearly_full(spool_dir: Path) -> None:
     st = os.statvfs(spool_dir)
     free = st.f_bavail * st.f_frsize
-    roomy, cramped = SpoolTransport(str(spool_dir), min_free=free // 2), SpoolTransport(str(spool_dir), min_free=free * 2)
+    roomy, cramped = (
+        SpoolTransport(str(spool_dir), min_free=free // 2),
+        SpoolTransport(str(spool_dir), min_free=free * 2),
+    )
     assert roomy.accepting() is None
     assert cramped.accepting() == "spool disk nearly full"
     roomy.stop()
