@@ -10,8 +10,10 @@ the window between the 250 and the fsync allows (RFC 1047 describes the rest).
 `DeliveryLedger` is the interface, chosen by `[delivery].ledger`
 (`open_ledger`):
 
-- `FileLedger` ("file", the default) keeps one append-only file per queue id
-  under `<spool.dir>/delivered/`: good for delivery processes on one host.
+- `FileLedger` ("file", the default) appends to journal files under
+  `<spool.dir>/delivered/journal/` and answers from an index in memory: one
+  write and one fdatasync serve every thread recording at the same moment,
+  and a lookup touches no disk. Good for delivery processes on one host.
 - `RedisLedger` ("redis://host:port/db") keeps one Redis set per queue id,
   `<namespace>:delivered:<queue_id>`, which expires on its own after the
   queue lifetime plus a day: delivery processes on several hosts share it, so
@@ -28,10 +30,16 @@ failed (logged), and a ledger that was wiped.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
+import secrets
 import threading
+import time
+from array import array
+from bisect import bisect_left
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
@@ -58,91 +66,388 @@ class DeliveryLedger(Protocol):
         """Record recipients as delivered; durable when it returns. Raises SpoolError."""
 
     def purge(self, older_than: datetime) -> int:
-        """Forget messages last recorded before `older_than`; returns how many."""
+        """Forget what was recorded before `older_than`; returns how many recipient records."""
 
     def close(self) -> None:
         """Let go of connections; the ledger is not used afterwards."""
 
 
 class FileLedger:
-    """One file per queue id, one recipient per line, appended and fsynced."""
+    """Append-only journals with group commit, and an index of them in memory.
+
+    Layout: `<directory>/journal/<UTC time>-<pid>-<random>.journal`, one line
+    `<queue_id> <recipient>\\n` per delivered recipient. Each process appends to a
+    segment of its own, which it holds an exclusive flock on while it writes it, and
+    starts a new one every UTC day and every `SEGMENT_BYTES`. So:
+
+    - Threads recording at once share one write and one fdatasync (group commit, as
+      a database shares a log flush): the first of them to find no flush running
+      writes everything queued so far, and the others wait for that flush to cover
+      theirs. `record` returns only once its lines are on disk.
+    - A crash mid-append leaves a last line without its newline: it was never
+      acknowledged, and readers ignore it. Nothing is ever appended after it, since
+      no process writes to another's segment, nor to its own after a failed write.
+    - The index is rebuilt from every segment at start. Another process's segment
+      still being written (flock held) is read on from where the index stopped,
+      whenever a lookup does not find a recipient, so a message that another
+      delivery process delivered is still not sent again from here.
+    - `purge` unlinks whole segments last written before the cutoff.
+
+    The index keeps a 64-bit hash per line (a set while a segment grows, then sorted
+    arrays of `RUN_SIZE` hashes: 8 bytes a recipient); a hash that matches is
+    confirmed against the segment's text, so an answer "delivered" is always exact.
+    Files of the older layout (one file per queue id directly in `directory`) are
+    still read and purged, so an upgrade does not forget what was delivered.
+    """
 
     def __init__(self, directory: str, *, fsync: bool = True) -> None:
         self.directory = os.path.abspath(directory)
+        self.journal_dir = os.path.join(self.directory, JOURNAL_DIR)
         self._fsync = fsync
+        # The index: segments by file name, guarded by _lock.
         self._lock = threading.Lock()
+        self._segments: dict[str, _Segment] = {}
+        self._dir_mtime = -1
+        # The writer: this process's segment, guarded by _commit (group commit).
+        self._commit = threading.Condition(threading.Lock())
+        self._queued = _Batch()
+        self._flushing = False
+        self._own: _Segment | None = None
+        self._own_fd = -1
+        self._own_day = ""
+        self._own_size = 0
         try:
-            os.makedirs(self.directory, exist_ok=True)
+            os.makedirs(self.journal_dir, exist_ok=True)
+            self._legacy = any(QUEUE_ID.fullmatch(name) and name != JOURNAL_DIR for name in os.listdir(self.directory))
+            with self._lock:
+                self._scan()
         except OSError as exc:
-            raise LedgerError(f"cannot create {self.directory}: {exc.strerror}") from None
+            raise LedgerError(f"cannot open the delivery ledger {self.directory}: {exc.strerror}") from None
 
-    def _path(self, queue_id: str) -> str:
-        if not QUEUE_ID.fullmatch(queue_id):
-            raise ValueError(f"unsafe queue id {queue_id!r}")
-        return os.path.join(self.directory, queue_id)
-
-    def delivered(self, queue_id: str) -> set[str]:
-        """Every recipient recorded for `queue_id`."""
-        try:
-            with open(self._path(queue_id), "rb") as fh:
-                data = fh.read()
-        except FileNotFoundError:
-            return set()
-        except OSError as exc:
-            raise LedgerError(f"cannot read the delivery ledger of {queue_id}: {exc.strerror}") from None
-        # A crash mid-append leaves a last line without its newline: it was never acknowledged.
-        lines = data.split(b"\n")[:-1]
-        return {line.decode("utf-8", "replace") for line in lines if line}
+    # ------------------------------------------------------------ interface
 
     def was_delivered(self, queue_id: str, rcpt: str) -> bool:
-        return rcpt in self.delivered(queue_id)
+        line = _line(queue_id, rcpt)
+        if line is None:
+            return False  # never recorded (see `record`)
+        key = hash(line)
+        try:
+            with self._lock:
+                if self._holds(line, key):
+                    return True
+                # Another process may have recorded it since: read on, then look again.
+                if self._refresh() and self._holds(line, key):
+                    return True
+            return self._legacy and rcpt in self._legacy_rcpts(queue_id)
+        except OSError as exc:
+            raise LedgerError(f"cannot read the delivery ledger of {queue_id}: {exc.strerror}") from None
 
     def record(self, queue_id: str, rcpts: Iterable[str]) -> None:
-        data = b"".join(r.encode("utf-8") + b"\n" for r in rcpts if "\n" not in r)
-        if not data:
+        # A recipient with a line feed cannot be written as a line; nor can it be sent over SMTP.
+        lines = [line for line in (_line(queue_id, r) for r in rcpts) if line is not None]
+        if not lines:
             return
-        path = self._path(queue_id)
+        try:
+            segment = self._append(b"".join(line + b"\n" for line in lines))
+        except OSError as exc:
+            raise LedgerError(f"cannot record delivery of {queue_id}: {exc.strerror}") from None
         with self._lock:
-            try:
-                created = False
-                try:
-                    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o600)
-                    created = True
-                except FileExistsError:
-                    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
-                try:
-                    os.write(fd, data)
-                    if self._fsync:
-                        os.fsync(fd)
-                finally:
-                    os.close(fd)
-                if created and self._fsync:
-                    # A new file counts only once its directory entry is durable too.
-                    dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
-                    try:
-                        os.fsync(dir_fd)
-                    finally:
-                        os.close(dir_fd)
-            except OSError as exc:
-                raise LedgerError(f"cannot record delivery of {queue_id}: {exc.strerror}") from None
+            for line in lines:
+                segment.add(hash(line))
 
     def purge(self, older_than: datetime) -> int:
+        """Unlink segments (and old-layout files) last written before `older_than`; returns how
+        many recipient records went with them. A message's records span no more than its
+        lifetime, which the cutoff (lifetime plus a day) leaves behind."""
         cutoff = older_than.timestamp()
         removed = 0
         try:
-            names = os.listdir(self.directory)
+            with self._lock:
+                self._scan()
+                for name in sorted(self._segments):
+                    segment = self._segments[name]
+                    if segment is self._own:
+                        continue  # rotated on its next write at the latest (a new day)
+                    try:
+                        if os.stat(segment.path).st_mtime >= cutoff:
+                            continue
+                        os.unlink(segment.path)
+                    except FileNotFoundError:
+                        pass
+                    removed += segment.count
+                    segment.close()
+                    del self._segments[name]
+                for name in os.listdir(self.journal_dir):
+                    if name.endswith(_NEW):  # a segment whose creation a crash interrupted: empty
+                        _unlink_if_older(os.path.join(self.journal_dir, name), cutoff)
+            if self._legacy:
+                removed += self._purge_legacy(cutoff)
         except OSError as exc:
-            raise LedgerError(f"cannot list {self.directory}: {exc.strerror}") from None
-        for name in names:
-            path = os.path.join(self.directory, name)
-            with contextlib.suppress(FileNotFoundError):
-                if os.stat(path).st_mtime < cutoff:
-                    os.unlink(path)
-                    removed += 1
+            raise LedgerError(f"cannot purge the delivery ledger {self.directory}: {exc.strerror}") from None
         return removed
 
     def close(self) -> None:
-        pass  # nothing held open between calls
+        """Close this process's segment (which lets other processes see it is complete) and
+        the segments of others being read."""
+        with self._commit:
+            while self._flushing:
+                self._commit.wait()
+            self._close_own()
+        with self._lock:
+            for segment in self._segments.values():
+                segment.close()
+
+    # ------------------------------------------------------------ writing
+
+    def _append(self, data: bytes) -> _Segment:
+        """Queue `data` for the next flush and wait until a flush covered it."""
+        with self._commit:
+            batch = self._queued
+            batch.data.append(data)
+            while not batch.done:
+                if self._flushing:
+                    self._commit.wait()
+                    continue
+                # No flush running: this thread writes everything queued so far.
+                self._flushing = True
+                self._queued = _Batch()
+                self._commit.release()
+                try:
+                    self._flush(batch)
+                finally:
+                    self._commit.acquire()
+                    self._flushing = False
+                    batch.done = True
+                    self._commit.notify_all()
+        if batch.error is not None:
+            raise OSError(batch.error.errno, batch.error.strerror)
+        assert batch.segment is not None
+        return batch.segment
+
+    def _flush(self, batch: _Batch) -> None:
+        """Write and fdatasync one batch (only the flushing thread runs this)."""
+        try:
+            segment, fd = self._writable()
+            data = b"".join(batch.data)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            self._own_size += len(data)
+            if self._fsync:
+                os.fdatasync(fd)
+            batch.segment = segment
+        except OSError as exc:
+            # What reached the file is true (each line follows a 250), but its end is unknown:
+            # never append to this segment again.
+            self._close_own()
+            batch.error = exc
+
+    def _writable(self) -> tuple[_Segment, int]:
+        """This process's segment, started anew on a new UTC day or when it is full."""
+        now = time.time()
+        day = time.strftime("%Y%m%d", time.gmtime(now))
+        if self._own is not None and (day != self._own_day or self._own_size >= SEGMENT_BYTES):
+            self._close_own()
+        if self._own is None:
+            stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now))
+            name = f"{stamp}-{os.getpid()}-{secrets.token_hex(4)}{_JOURNAL}"
+            path = os.path.join(self.journal_dir, name)
+            # Lock it before its name appears, so no reader takes it for a finished segment.
+            fd = os.open(path + _NEW, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                os.rename(path + _NEW, path)
+                if self._fsync:
+                    # The segment counts only once its directory entry is durable too.
+                    _fsync_dir(self.journal_dir)
+            except BaseException:
+                os.close(fd)
+                raise
+            segment = _Segment(path)
+            with self._lock:
+                self._segments[name] = segment
+            self._own, self._own_fd, self._own_day, self._own_size = segment, fd, day, 0
+        return self._own, self._own_fd
+
+    def _close_own(self) -> None:
+        if self._own_fd >= 0:
+            os.close(self._own_fd)  # releases the flock: the segment is complete
+        self._own, self._own_fd = None, -1
+
+    # ------------------------------------------------------------ reading
+
+    def _holds(self, line: bytes, key: int) -> bool:
+        for name, segment in list(self._segments.items()):
+            if segment.may_hold(key):
+                try:
+                    if segment.holds(line):
+                        return True
+                except FileNotFoundError:  # purged by another process
+                    segment.close()
+                    del self._segments[name]
+        return False
+
+    def _refresh(self) -> bool:
+        """Take in what other processes appended or started since; True when anything new came."""
+        grown = False
+        mtime = os.stat(self.journal_dir).st_mtime_ns
+        # A directory's mtime ticks coarsely: a file made in the same tick as the last look
+        # leaves it unchanged, so look again while it is recent.
+        if mtime != self._dir_mtime or time.time_ns() - mtime < RESCAN_MARGIN_NS:
+            grown = self._scan()
+        for segment in self._segments.values():
+            grown = segment.read_on() or grown
+        return grown
+
+    def _scan(self) -> bool:
+        """Follow the directory: index new segments, forget vanished ones."""
+        self._dir_mtime = os.stat(self.journal_dir).st_mtime_ns
+        names = {name for name in os.listdir(self.journal_dir) if name.endswith(_JOURNAL)}
+        for name in set(self._segments) - names:
+            if self._segments[name] is not self._own:
+                self._segments.pop(name).close()
+        grown = False
+        for name in sorted(names - set(self._segments)):
+            segment = _Segment(os.path.join(self.journal_dir, name))
+            try:
+                segment.fd = os.open(segment.path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            self._segments[name] = segment
+            grown = segment.read_on() or grown
+        return grown
+
+    # ------------------------------------------------------------ the older layout
+
+    def _legacy_rcpts(self, queue_id: str) -> set[str]:
+        try:
+            with open(os.path.join(self.directory, queue_id), "rb") as fh:
+                data = fh.read()
+        except (FileNotFoundError, IsADirectoryError):
+            return set()
+        lines = data.split(b"\n")[:-1]  # a torn last line was never acknowledged
+        return {line.decode("utf-8", "surrogatepass") for line in lines if line}
+
+    def _purge_legacy(self, cutoff: float) -> int:
+        removed = 0
+        left = False
+        for name in os.listdir(self.directory):
+            if name == JOURNAL_DIR or not QUEUE_ID.fullmatch(name):
+                continue
+            path = os.path.join(self.directory, name)
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(path).st_mtime >= cutoff:
+                    left = True
+                    continue
+                count = len(self._legacy_rcpts(name))
+                os.unlink(path)
+                removed += count
+        self._legacy = left
+        return removed
+
+
+# The journal: one segment per process, day and SEGMENT_BYTES, under <directory>/journal/.
+JOURNAL_DIR = "journal"
+SEGMENT_BYTES = 16 * 1024 * 1024
+RUN_SIZE = 65536  # hashes per sorted run of a segment's index
+RESCAN_MARGIN_NS = 2_000_000_000
+_JOURNAL = ".journal"
+_NEW = ".new"
+
+
+def _line(queue_id: str, rcpt: str) -> bytes | None:
+    """The journal line (without its newline) for one recipient; None when it cannot be one."""
+    if not QUEUE_ID.fullmatch(queue_id):
+        raise ValueError(f"unsafe queue id {queue_id!r}")
+    if "\n" in rcpt:
+        return None
+    return queue_id.encode("ascii") + b" " + rcpt.encode("utf-8", "surrogatepass")
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_if_older(path: str, cutoff: float) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        if os.stat(path).st_mtime < cutoff:
+            os.unlink(path)
+
+
+@dataclass(eq=False)
+class _Batch:
+    """Lines queued for one flush, and how the flush went."""
+
+    data: list[bytes] = field(default_factory=list)
+    done: bool = False
+    error: OSError | None = None
+    segment: _Segment | None = None
+
+
+@dataclass(eq=False)
+class _Segment:
+    """The index of one journal file."""
+
+    path: str
+    fd: int = -1  # open while another process may still append (it holds the flock)
+    offset: int = 0  # bytes of complete lines indexed so far
+    count: int = 0
+    live: set[int] = field(default_factory=set)
+    runs: list[array[int]] = field(default_factory=list)
+
+    def add(self, key: int) -> None:
+        self.count += 1
+        self.live.add(key)
+        if len(self.live) >= RUN_SIZE:
+            self.runs.append(array("q", sorted(self.live)))
+            self.live = set()
+
+    def may_hold(self, key: int) -> bool:
+        if key in self.live:
+            return True
+        for run in self.runs:
+            i = bisect_left(run, key)
+            if i < len(run) and run[i] == key:
+                return True
+        return False
+
+    def holds(self, line: bytes) -> bool:
+        """Is `line` a complete line of the file? Confirms a hash that matched."""
+        with open(self.path, "rb") as fh:
+            data = fh.read()
+        return data.startswith(line + b"\n") or b"\n" + line + b"\n" in data
+
+    def read_on(self) -> bool:
+        """Index the lines another process appended since the last call; True if any.
+        Once its writer let go of the flock, the segment is complete: read to the end, close."""
+        if self.fd < 0:
+            return False
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            complete = True
+        except BlockingIOError:
+            complete = False
+        size = os.fstat(self.fd).st_size
+        grown = False
+        if size > self.offset:
+            data = os.pread(self.fd, size - self.offset, self.offset)
+            end = data.rfind(b"\n") + 1  # a last line without its newline is not a record (yet)
+            for line in data[:end].split(b"\n")[:-1]:
+                self.add(hash(line))
+            self.offset += end
+            grown = end > 0
+        if complete:
+            self.close()
+        return grown
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 # Records outlive the message's lifetime by a day: a copy of it can still be on a queue until then.

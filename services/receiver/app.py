@@ -10,10 +10,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from concurrent.futures import ThreadPoolExecutor
 
 from services.receiver.handler import ReceiverHandler
 from services.receiver.limits import ConnectionGate, MemoryBudget
+from services.receiver.offload import Offload
 from services.receiver.smtp import ReceiverSMTP
 from shared import metrics
 from shared.config import Config, HostPort
@@ -40,15 +40,16 @@ class Receiver:
         self._budget = MemoryBudget(settings.data_memory_budget, metrics.DATA_INFLIGHT.set)
         self._sessions: set[ReceiverSMTP] = set()
         self._server: asyncio.Server | None = None
-        self._executor: ThreadPoolExecutor | None = None
+        self._offload: Offload | None = None
 
     async def start(self) -> None:
         """Bind `[receiver].listen` and start accepting connections."""
         loop = asyncio.get_running_loop()
         settings = self._config.receiver
         # publish() blocks (fsync, broker confirm): it runs on these threads, never on the loop.
-        self._executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="receiver-publish")
-        handler = ReceiverHandler(self._config, self._transport, self._executor)
+        self._offload = Offload(settings.workers, "receiver-publish")
+        self._offload.start(loop)
+        handler = ReceiverHandler(self._config, self._transport, self._offload)
 
         def session() -> ReceiverSMTP:
             return ReceiverSMTP(
@@ -80,10 +81,10 @@ class Receiver:
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None
-        if self._executor is not None:
+        if self._offload is not None:
             # A publish that was running when its session closed still finishes: it may be durable.
-            await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown, True)
-            self._executor = None
+            await asyncio.get_running_loop().run_in_executor(None, self._offload.stop)
+            self._offload = None
 
     @property
     def port(self) -> int:

@@ -2,11 +2,12 @@
 message into an `Envelope` on the scan queue.
 
 Each hook asks `policy` and turns its Decision into a reply. `handle_DATA`
-builds the envelope and the trace header, then publishes to `Queue.SCAN` in a
-worker thread (publish fsyncs or waits for a broker confirm: it must not block
-the event loop) and answers 250 only after publish returned (DESIGN.md: never
-250 before durable). Whatever goes wrong there is logged and answered 451, so
-the client keeps the message and retries.
+builds the trace header, then hashes the message, builds its envelope and
+publishes it to `Queue.SCAN` on a worker thread (`offload.py`: publish fsyncs
+or waits for a broker confirm, it must not block the event loop) and answers
+250 only after publish returned (DESIGN.md: never 250 before durable).
+Whatever goes wrong there is logged and answered 451, so the client keeps the
+message and retries.
 
 Logging: one canonical line per accepted or refused message and per refused
 recipient, never a body.
@@ -14,18 +15,16 @@ recipient, never a body.
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
 import hashlib
 import logging
 import time
 from collections.abc import Sequence
-from concurrent.futures import Executor
 from datetime import UTC, datetime, timedelta
 
 from aiosmtpd.smtp import Session
 
 from services.receiver import policy
+from services.receiver.offload import Offload
 from services.receiver.smtp import ReceiverSMTP, Transaction
 from services.receiver.trace import protocol, received_header
 from shared import metrics
@@ -39,6 +38,9 @@ log = logging.getLogger(__name__)
 # Back-pressure is a state of the queues, not of one message: asking the transport
 # once per interval keeps a thread hop off every MAIL FROM.
 ACCEPTING_TTL = 0.5
+
+# Metric children bound once: `.labels()` looks them up under a lock on every call.
+_ACCEPTED = metrics.MESSAGES_RECEIVED.labels(result="accepted", reason=policy.accepted_reply("").reason)
 
 
 def authenticated_user(session: Session) -> str:
@@ -54,16 +56,12 @@ def authenticated_user(session: Session) -> str:
 class ReceiverHandler:
     """The hooks aiosmtpd calls, one instance shared by all sessions of a Receiver."""
 
-    # Every new session looks up the hooks by reflection (`dir`, `inspect.getmembers`): answer
-    # with just the names it looks for (see ReceiverSMTP.__dir__).
-    def __dir__(self) -> list[str]:
-        return [n for n in type(self).__dict__ if n.startswith(("handle_", "auth_"))]
-
-    def __init__(self, config: Config, transport: Transport, executor: Executor) -> None:
+    def __init__(self, config: Config, transport: Transport, offload: Offload) -> None:
         self._config = config
         self._settings = config.receiver
         self._transport = transport
-        self._executor = executor
+        self._offload = offload
+        self._lifetime = timedelta(seconds=config.delivery.max_queue_lifetime)
         self._outage = False  # publish is failing: log the outage once, not once per message
         self._busy: str | None = None  # the last answer of transport.accepting()
         self._busy_checked = float("-inf")  # monotonic time it was last asked
@@ -114,7 +112,7 @@ class ReceiverHandler:
         if decision is None:
             decision = policy.check_recipient(
                 address,
-                relay=self.client(server, session).relay,
+                relay=server.relay_client or bool(authenticated_user(session)),  # as in client()
                 internal_domains=self._settings.internal_domains,
             )
         if not decision.accepted:
@@ -139,6 +137,7 @@ class ReceiverHandler:
         queue_id = new_queue_id()
         received_at = datetime.now(UTC)
         client = self.client(server, session)
+        rcpt_to = tuple(envelope.rcpt_tos)
         with bound(queue_id=queue_id):
             body = (
                 received_header(
@@ -152,46 +151,55 @@ class ReceiverHandler:
                         authenticated=bool(client.authenticated),
                         smtputf8=bool(envelope.smtp_utf8),
                     ),
-                    recipients=envelope.rcpt_tos,
+                    recipients=rcpt_to,
                     received_at=received_at,
                 )
                 + result.content
             )
-            message = Envelope(
-                queue_id=queue_id,
-                received_at=received_at,
-                client=client,
-                mail_from=sender,
-                rcpt_to=tuple(envelope.rcpt_tos),
-                size=len(body),
-                sha256="",  # hashed on the publishing thread
-                direction=Direction.OUTGOING if client.relay else Direction.INCOMING,
-                smtputf8=bool(envelope.smtp_utf8),
-                eight_bit="BODY=8BITMIME" in envelope.mail_options,
-                expires_at=received_at + timedelta(seconds=self._config.delivery.max_queue_lifetime),
-            )
+            direction = Direction.OUTGOING if client.relay else Direction.INCOMING
+            smtputf8 = bool(envelope.smtp_utf8)
+            eight_bit = "BODY=8BITMIME" in envelope.mail_options
+
+            def publish() -> Envelope:
+                # On the worker thread: hashlib lets go of the GIL, so hashing runs beside the loop.
+                message = Envelope(
+                    queue_id=queue_id,
+                    received_at=received_at,
+                    client=client,
+                    mail_from=sender,
+                    rcpt_to=rcpt_to,
+                    size=len(body),
+                    sha256=hashlib.sha256(body).hexdigest(),
+                    direction=direction,
+                    smtputf8=smtputf8,
+                    eight_bit=eight_bit,
+                    expires_at=received_at + self._lifetime,
+                )
+                self._transport.publish(Queue.SCAN, message, body)
+                return message
+
             try:
-                message = await self._publish(message, body)
+                await self._offload.run(publish)
             except Exception as exc:
                 if not self._outage:
                     self._outage = True
                     log.exception("cannot queue messages, answering 451 until this works again: %s", exc)
-                self._refused(policy.TRANSPORT_FAILED, sender, message.rcpt_to, message.size, str(exc))
+                self._refused(policy.TRANSPORT_FAILED, sender, rcpt_to, len(body), str(exc))
                 return policy.TRANSPORT_FAILED.reply()
             if self._outage:
                 self._outage = False
                 log.warning("queueing messages works again")
             accepted = policy.accepted_reply(queue_id)
             metrics.ACCEPT_SECONDS.observe(time.monotonic() - started)
-            metrics.MESSAGES_RECEIVED.labels(result="accepted", reason=accepted.reason).inc()
+            _ACCEPTED.inc()
             event(
                 log,
                 "message accepted",
                 sender=f"<{sender}>",
-                to=",".join(f"<{r}>" for r in message.rcpt_to),
-                nrcpt=len(message.rcpt_to),
-                size=message.size,
-                direction=str(message.direction),
+                to=",".join(f"<{r}>" for r in rcpt_to),
+                nrcpt=len(rcpt_to),
+                size=len(body),
+                direction=str(direction),
                 helo=client.helo,
                 dsn=accepted.status,
                 status="queued",
@@ -214,26 +222,12 @@ class ReceiverHandler:
         now = time.monotonic()
         if now - self._busy_checked >= ACCEPTING_TTL:
             self._busy_checked = now
-            loop = asyncio.get_running_loop()
             try:
-                self._busy = await loop.run_in_executor(self._executor, self._transport.accepting)
+                self._busy = await self._offload.run(self._transport.accepting)
             except Exception:
                 log.exception("transport.accepting() failed; deferring new mail")
                 self._busy = "queues unavailable"
         return self._busy
-
-    async def _publish(self, message: Envelope, body: bytes) -> Envelope:
-        """Hash the bytes and `transport.publish` them to the scan queue, on a worker thread
-        (hashlib lets go of the GIL: hashing runs beside the event loop), with this task's log
-        context. Returns the envelope as published."""
-
-        def publish() -> Envelope:
-            stamped = message.replace(sha256=hashlib.sha256(body).hexdigest())
-            self._transport.publish(Queue.SCAN, stamped, body)
-            return stamped
-
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, contextvars.copy_context().run, publish)
 
     def _refused(
         self, decision: policy.Decision, sender: str, rcpts: Sequence[str], size: int, error: str = ""

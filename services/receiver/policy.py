@@ -23,6 +23,7 @@ authorized"), the way Postfix's `reject_unauth_destination` does:
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -93,6 +94,13 @@ def is_relay_client(ip: str, relay_networks: Iterable[IPNetwork]) -> bool:
     except ValueError:
         return False
     return any(addr in net for net in relay_networks)
+
+
+@functools.lru_cache(maxsize=4096)
+def classify_client(ip: str, relay_networks: tuple[IPNetwork, ...]) -> tuple[str, bool]:
+    """(`normalise_ip(ip)`, `is_relay_client(ip, relay_networks)`), remembered per address:
+    a new connection from a known client costs a dict lookup, not two address parses."""
+    return normalise_ip(ip), is_relay_client(ip, relay_networks)
 
 
 # ---------------------------------------------------------------- addresses

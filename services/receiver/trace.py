@@ -9,6 +9,7 @@ software and no version: that only helps an attacker. Pure: values in, bytes out
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Sequence
@@ -48,17 +49,33 @@ def received_header(
     received_at: datetime,
 ) -> bytes:
     """The folded header, CRLF-terminated, ready to go in front of the message."""
-    name = _UNSAFE.sub("?", helo)[:_MAX_HELO] or "unknown"
-    lines = [
-        f"Received: from {name} ({address_literal(ip)})",
-        f"\tby {_UNSAFE.sub('?', hostname)} with {with_protocol} id {queue_id}",
-    ]
+    lines = [_from_line(helo, ip), f"\tby {_safe(hostname)} with {with_protocol} id {queue_id}"]
     # Naming the recipient of a message sent to several would tell each about the others.
     rcpt = recipients[0] if len(recipients) == 1 else ""
-    date = format_datetime(received_at)
+    date = _date(received_at.replace(microsecond=0))
     if rcpt and not _UNSAFE.search(rcpt) and "<" not in rcpt and ">" not in rcpt:
         lines.append(f"\tfor <{rcpt}>; {date}")
     else:
         lines[-1] += ";"
         lines.append(f"\t{date}")
     return ("\r\n".join(lines) + "\r\n").encode("ascii")
+
+
+# What stays the same from one message to the next is formatted once: the `from` line per
+# client (a session's messages, a client's sessions), our hostname, the date per second.
+
+
+@functools.lru_cache(maxsize=1024)
+def _from_line(helo: str, ip: str) -> str:
+    name = _UNSAFE.sub("?", helo)[:_MAX_HELO] or "unknown"
+    return f"Received: from {name} ({address_literal(ip)})"
+
+
+@functools.lru_cache(maxsize=16)
+def _safe(hostname: str) -> str:
+    return _UNSAFE.sub("?", hostname)
+
+
+@functools.lru_cache(maxsize=4)
+def _date(second: datetime) -> str:
+    return format_datetime(second)

@@ -8,7 +8,10 @@ hosts: what one delivered, the other does not send again.
 from __future__ import annotations
 
 import hashlib
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -214,3 +217,120 @@ def test_a_copy_being_delivered_in_this_process_waits(tmp_path: Path) -> None:
             release.set()
             delivery.close()
     assert len(handler.messages) == 1
+
+
+# ---------------------------------------------------------------- FileLedger: real processes, real crashes
+
+# A delivery process's part in the ledger, run as a child: records as told, says "acked <qid>"
+# on stdout only once `record` returned (the moment delivery relies on it).
+CHILD = r"""
+import os, signal, sys, threading
+from services.delivery import ledger as ledger_module
+from services.delivery.ledger import FileLedger
+
+directory, mode = sys.argv[1], sys.argv[2]
+ledger = FileLedger(directory)
+say_lock = threading.Lock()
+
+def say(text):
+    with say_lock:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+
+if mode == "torn":
+    for i in range(50):
+        ledger.record(f"Q{i}", [f"r{i}@example.test"])
+        say(f"acked Q{i}")
+    real_write = os.write
+
+    def write_half_then_die(fd, data):
+        real_write(fd, bytes(data[: len(data) // 2]))
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    ledger_module.os.write = write_half_then_die
+    ledger.record("TORN", ["torn-recipient@example.test"])
+    say("acked TORN")  # never reached
+elif mode == "load":
+    def work(t):
+        for i in range(20000):  # bounded: the parent kills it long before
+            ledger.record(f"T{t}.{i}", ["a@example.test", f"b{i}@example.test"])
+            say(f"acked T{t}.{i}")
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for t in threads: t.start()
+    for t in threads: t.join()
+elif mode == "serve":
+    for line in sys.stdin:  # record each queue id the parent sends, until stdin closes
+        ledger.record(line.strip(), ["a@example.test"])
+        say(f"acked {line.strip()}")
+"""
+
+
+def child(directory: Path, mode: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(directory), mode],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=str(Path(__file__).resolve().parents[2]),
+    )
+
+
+def test_process_killed_mid_append_loses_nothing_acknowledged(tmp_path: Path) -> None:
+    directory = tmp_path / "delivered"
+    proc = child(directory, "torn")
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    acked = [line.split()[1] for line in out.splitlines()]
+    assert acked == [f"Q{i}" for i in range(50)]
+    # The crash left half a line at the end of the journal.
+    (segment,) = (directory / "journal").glob("*.journal")
+    assert not segment.read_bytes().endswith(b"\n")
+    reopened = FileLedger(str(directory))
+    assert all(reopened.was_delivered(f"Q{i}", f"r{i}@example.test") for i in range(50))
+    assert not reopened.was_delivered("TORN", "torn-recipient@example.test")
+    reopened.record("AFTER", ["a@example.test"])
+    again = FileLedger(str(directory))
+    assert again.was_delivered("AFTER", "a@example.test")
+    assert all(again.was_delivered(f"Q{i}", f"r{i}@example.test") for i in range(50))
+    assert not again.was_delivered("TORN", "torn-recipient@example.test")
+
+
+def test_process_killed_under_load_keeps_every_acknowledged_record(tmp_path: Path) -> None:
+    """Four threads record as fast as group commit lets them; SIGKILL lands wherever it lands."""
+    directory = tmp_path / "delivered"
+    proc = child(directory, "load")
+    acked: list[str] = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        acked.append(line.split()[1])
+        if len(acked) >= 300:
+            proc.kill()
+            break
+    rest, _ = proc.communicate(timeout=30)
+    acked += [line.split()[1] for line in rest.splitlines() if line.startswith("acked ")]
+    assert proc.returncode == -signal.SIGKILL
+    reopened = FileLedger(str(directory))
+    missing = [q for q in acked if not reopened.was_delivered(q, "a@example.test")]
+    assert missing == []
+    assert all(reopened.was_delivered(q, f"b{q.split('.')[1]}@example.test") for q in acked)
+    assert not reopened.was_delivered("T9.0", "a@example.test")
+
+
+def test_a_record_by_another_process_is_seen_at_once(tmp_path: Path) -> None:
+    """Two delivery processes on one spool: the index of one follows the journal of the other,
+    while the other still writes it and after it exited."""
+    directory = tmp_path / "delivered"
+    here = FileLedger(str(directory))  # opened before the other process wrote anything
+    with child(directory, "serve") as proc:
+        assert proc.stdin is not None
+        assert proc.stdout is not None
+        for qid in ("P1", "P2"):
+            assert not here.was_delivered(qid, "a@example.test")
+            proc.stdin.write(qid + "\n")
+            proc.stdin.flush()
+            assert proc.stdout.readline() == f"acked {qid}\n"
+            assert here.was_delivered(qid, "a@example.test")
+        proc.stdin.close()
+        assert proc.wait(30) == 0
+    assert here.was_delivered("P1", "a@example.test")
+    assert not here.was_delivered("P3", "a@example.test")

@@ -1,0 +1,313 @@
+"""The DATA fast path over real sockets: what reaches a real SMTP server is byte for byte the
+message, whichever path it took, and the fast path puts on the wire exactly what aiosmtplib's
+own `SMTP.data()` would.
+
+Two servers: aiosmtpd (`tests.support.capture_server`), which undoes the dot-stuffing as any
+MTA does, for the message as the next hop stores it; and `WireServer`, a bare SMTP responder
+on a socket that keeps the raw bytes of each DATA phase (stuffing and terminator included)
+and can answer DATA with any reply, or not at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiosmtplib
+import pytest
+
+from services.delivery.classify import Outcome, RcptResult
+from services.delivery.routing import Hop
+from services.delivery.smtp_client import SmtpClient, Transaction, send_wire_data, wire_data
+from tests.support import capture_server
+
+pytestmark = pytest.mark.integration
+
+RCPT = "user@example.test"
+
+
+def binary_lines(size: int) -> bytes:
+    """8-bit content in CRLF lines of at most 900 bytes (under aiosmtpd's 1001 limit):
+    every byte value but CR and LF, NUL and 0xFF included, some lines starting with a dot."""
+    octets = bytes(b for b in range(256) if b not in (10, 13))
+    line = (octets * 4)[:898]
+    lines = [(b"." if i % 7 == 0 else b"") + line[i % 200 :] for i in range(size // 900 + 1)]
+    return b"\r\n".join(lines)[:size] + b"\r\n"
+
+
+@dataclass
+class DataSpy:
+    """Counts the messages that went through aiosmtplib's `SMTP.data()` (the fallback)."""
+
+    calls: int = 0
+
+
+@pytest.fixture
+def spy(monkeypatch: pytest.MonkeyPatch) -> DataSpy:
+    seen = DataSpy()
+    original = aiosmtplib.SMTP.data
+
+    async def data(self: aiosmtplib.SMTP, message: str | bytes, /, **kwargs: Any) -> aiosmtplib.SMTPResponse:
+        seen.calls += 1
+        return await original(self, message, **kwargs)
+
+    monkeypatch.setattr(aiosmtplib.SMTP, "data", data)
+    return seen
+
+
+def send(port: int, body: bytes, *, timeout: float = 5.0, rcpts: Sequence[str] = (RCPT,)) -> list[RcptResult]:
+    """One transaction through a fresh SmtpClient, on an event loop of its own."""
+
+    async def run() -> list[RcptResult]:
+        client = SmtpClient("gw.example.test", timeout)
+
+        async def hops() -> list[Hop]:
+            return [Hop("127.0.0.1", "127.0.0.1", port)]
+
+        async def delivered(_rcpts: Sequence[str]) -> None:
+            return None
+
+        try:
+            return await client.send("dest", hops, Transaction("s@example.org", tuple(rcpts), body), delivered)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(run())
+
+
+# ---------------------------------------------------------------- what the next hop stores
+
+
+CRLF_MESSAGES = [
+    pytest.param(b"Subject: dots\r\n\r\n.one dot\r\n..two dots\r\n.\r\n...\r\nend\r\n", id="lines starting with dots"),
+    pytest.param(b".first line starts with a dot\r\n\r\nbody\r\n", id="first line starts with a dot"),
+    pytest.param(b".\r\n\r\nbody\r\n", id="first line is a lone dot"),
+    pytest.param(b"Subject: open end\r\n\r\nno CRLF at the end", id="not ending in CRLF"),
+    pytest.param(b"Subject: open end\r\n\r\n.", id="ending in a dot without CRLF"),
+    pytest.param(b"Subject: 8bit\r\n\r\n" + binary_lines(64 * 1024), id="binary 8-bit content"),
+]
+
+
+@pytest.mark.parametrize("body", CRLF_MESSAGES)
+def test_crlf_messages_take_the_fast_path_and_arrive_byte_exact(body: bytes, spy: DataSpy) -> None:
+    with capture_server() as (handler, port):
+        (result,) = send(port, body)
+        (got,) = handler.wait_for(1)
+    assert result.outcome is Outcome.DELIVERED
+    assert spy.calls == 0
+    # RFC 5321 section 4.5.2: the data ends with a CRLF before the final dot; a body without
+    # one arrives with it, as with aiosmtplib's own path.
+    assert got.data == (body if body.endswith(b"\r\n") else body + b"\r\n")
+
+
+def test_20_mib_message_arrives_byte_exact(spy: DataSpy) -> None:
+    body = b"Subject: big\r\n\r\n" + binary_lines(20 * 1024 * 1024)
+    with capture_server() as (handler, port):
+        (result,) = send(port, body, timeout=60.0)
+        (got,) = handler.wait_for(1, timeout=60.0)
+    assert result.outcome is Outcome.DELIVERED
+    assert spy.calls == 0
+    assert len(got.data) == len(body)
+    assert got.data == body
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (
+            b"Subject: bare LF\n\nline one\n.dot line\nlast\n",
+            b"Subject: bare LF\r\n\r\nline one\r\n.dot line\r\nlast\r\n",
+        ),
+        (b"Subject: mixed\r\n\r\nbare CR\rhere\r\n", b"Subject: mixed\r\n\r\nbare CR\r\nhere\r\n"),
+    ],
+    ids=["bare LF", "bare CR"],
+)
+def test_bare_line_ends_take_aiosmtplibs_path(body: bytes, expected: bytes, spy: DataSpy) -> None:
+    with capture_server() as (handler, port):
+        (result,) = send(port, body)
+        (got,) = handler.wait_for(1)
+    assert result.outcome is Outcome.DELIVERED
+    assert spy.calls == 1
+    assert got.data == expected
+
+
+# ---------------------------------------------------------------- the wire, against aiosmtplib's own
+
+
+@dataclass
+class WireServer:
+    """A bare SMTP server on 127.0.0.1: 250 to everything, `data_reply` to DATA and, after
+    the data, `final_reply` (None: never answer). Keeps each DATA phase's raw bytes."""
+
+    data_reply: bytes = b"354 go ahead"
+    final_reply: bytes | None = b"250 2.0.0 taken"
+    phases: list[bytes] = field(default_factory=list)
+    port: int = 0
+    _sock: socket.socket | None = None
+    _threads: list[threading.Thread] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def start(self) -> None:
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self._sock.getsockname()[1]
+        self._spawn(self._accept)
+
+    def stop(self) -> None:
+        self._stop.set()
+        assert self._sock is not None
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)  # wakes the accept() (close alone does not, on Linux)
+        self._sock.close()
+        for thread in self._threads:
+            thread.join(10)
+
+    def _spawn(self, target: Any, *args: Any) -> None:
+        thread = threading.Thread(target=target, args=args, daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def _accept(self) -> None:
+        assert self._sock is not None
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            self._spawn(self._session, conn)
+
+    def _session(self, conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            conn.settimeout(30)
+            reader = conn.makefile("rb")
+            conn.sendall(b"220 wire.test ESMTP\r\n")
+            while line := reader.readline():
+                verb = line[:4].upper()
+                if verb == b"EHLO":
+                    conn.sendall(b"250-wire.test\r\n250 8BITMIME\r\n")
+                elif verb == b"QUIT":
+                    conn.sendall(b"221 bye\r\n")
+                    return
+                elif verb == b"DATA":
+                    conn.sendall(self.data_reply + b"\r\n")
+                    if self.data_reply.startswith(b"354"):
+                        self._read_data(conn, reader)
+                else:
+                    conn.sendall(b"250 ok\r\n")
+
+    def _read_data(self, conn: socket.socket, reader: Any) -> None:
+        data = b""
+        while not (data.endswith(b"\r\n.\r\n") or data == b".\r\n"):
+            line = reader.readline()
+            if not line:
+                return
+            data += line
+        self.phases.append(data)
+        if self.final_reply is None:
+            self._stop.wait(30)  # never answer: the client must time out
+            return
+        conn.sendall(self.final_reply + b"\r\n")
+
+
+@contextlib.contextmanager
+def wire_server(**kwargs: Any) -> Iterator[WireServer]:
+    server = WireServer(**kwargs)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+WIRE_BODIES = [
+    b"",
+    b"\r\n",
+    b".",
+    b".\r\n",
+    b"..\r\n.\r\n",
+    b"no final CRLF",
+    b"x\r\n.",
+    b"Subject: dots\r\n\r\n.a\r\n..b\r\n.\r\nend\r\n",
+    b"Subject: 8bit\r\n\r\n" + binary_lines(300 * 1024),
+]
+
+
+@pytest.mark.parametrize("body", WIRE_BODIES)
+def test_fast_path_sends_what_aiosmtplib_sends(body: bytes) -> None:
+    """Both paths over one session each to a server that keeps the raw DATA bytes."""
+    pieces = wire_data(body)
+    assert pieces is not None
+
+    async def both(port: int) -> None:
+        for fast in (False, True):
+            smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, timeout=5, start_tls=False)
+            await smtp.connect()
+            await smtp.ehlo()
+            await smtp.mail("s@example.org")
+            await smtp.rcpt(RCPT)
+            response = await (send_wire_data(smtp, pieces) if fast else smtp.data(body))
+            assert response.code == 250
+            # The session is in step: the next command gets its own reply.
+            assert (await smtp.execute_command(b"RSET")).code == 250
+            await smtp.quit()
+
+    with wire_server() as server:
+        asyncio.run(both(server.port))
+    aiosmtplib_phase, fast_phase = server.phases
+    assert fast_phase == aiosmtplib_phase
+
+
+@pytest.mark.parametrize(
+    ("server", "outcome", "status"),
+    [
+        (dict(data_reply=b"554 5.6.0 no thanks"), Outcome.PERMANENT, "5.6.0"),
+        (dict(data_reply=b"451 4.3.0 not now"), Outcome.TEMPORARY, "4.3.0"),
+        (dict(final_reply=b"552 5.3.4 too big after all"), Outcome.PERMANENT, "5.3.4"),
+        (dict(final_reply=b"450 4.7.1 try later"), Outcome.TEMPORARY, "4.7.1"),
+    ],
+    ids=["DATA refused", "DATA deferred", "data refused", "data deferred"],
+)
+def test_replies_to_data_become_results(server: dict[str, bytes], outcome: Outcome, status: str) -> None:
+    with wire_server(**server) as wire:
+        results = send(wire.port, b"Subject: x\r\n\r\nbody\r\n", rcpts=(RCPT, "other@example.test"))
+    assert [r.outcome for r in results] == [outcome, outcome]
+    assert {r.reply.status for r in results} == {status}
+
+
+def test_no_answer_after_the_data_is_a_timeout_and_a_temporary_failure() -> None:
+    with wire_server(final_reply=None) as wire:
+        (result,) = send(wire.port, b"Subject: x\r\n\r\nbody\r\n", timeout=0.3)
+        assert len(wire.phases) == 1  # the data went out in full
+    assert result.outcome is Outcome.TEMPORARY
+    assert result.reply.text.startswith("lost connection with 127.0.0.1")
+    assert result.reply.text.endswith("during data: Timed out waiting for server response")
+
+
+def test_timed_out_session_is_closed_not_pooled() -> None:
+    """After a timeout the session is out of step: the next message gets a new connection."""
+
+    async def run(port: int) -> tuple[list[RcptResult], list[RcptResult]]:
+        client = SmtpClient("gw.example.test", 0.3)
+
+        async def hops() -> list[Hop]:
+            return [Hop("127.0.0.1", "127.0.0.1", port)]
+
+        async def delivered(_rcpts: Sequence[str]) -> None:
+            return None
+
+        tx = Transaction("s@example.org", (RCPT,), b"Subject: x\r\n\r\nbody\r\n")
+        first = await client.send("dest", hops, tx, delivered)
+        wire.final_reply = b"250 2.0.0 taken"
+        second = await client.send("dest", hops, tx, delivered)
+        await client.aclose()
+        return first, second
+
+    with wire_server(final_reply=None) as wire:
+        first, second = asyncio.run(run(wire.port))
+    assert [r.outcome for r in first] == [Outcome.TEMPORARY]
+    assert [r.outcome for r in second] == [Outcome.DELIVERED]
+    assert len(wire.phases) == 2
