@@ -293,6 +293,7 @@ class ReceiverConfig:
         ["127.0.0.2/32"], _list(_network)
     )
     workers: int = setting(4, _int(1))
+    processes: int = setting(1, _int(1))
 
 
 @dataclass(frozen=True, slots=True)

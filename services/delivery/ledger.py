@@ -30,6 +30,7 @@ failed (logged), and a ledger that was wiped.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -221,7 +222,8 @@ class FileLedger:
                     self._commit.notify_all()
         if batch.error is not None:
             raise OSError(batch.error.errno, batch.error.strerror)
-        assert batch.segment is not None
+        if batch.segment is None:  # the flushing thread died of something else
+            raise OSError(errno.EIO, "the flush of the journal failed")
         return batch.segment
 
     def _flush(self, batch: _Batch) -> None:
@@ -254,18 +256,19 @@ class FileLedger:
             path = os.path.join(self.journal_dir, name)
             # Lock it before its name appears, so no reader takes it for a finished segment.
             fd = os.open(path + _NEW, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            segment = _Segment(path)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                os.rename(path + _NEW, path)
+                # Named and indexed at once, so a lookup never takes it for another process's.
+                with self._lock:
+                    os.rename(path + _NEW, path)
+                    self._segments[name] = segment
                 if self._fsync:
                     # The segment counts only once its directory entry is durable too.
                     _fsync_dir(self.journal_dir)
             except BaseException:
                 os.close(fd)
                 raise
-            segment = _Segment(path)
-            with self._lock:
-                self._segments[name] = segment
             self._own, self._own_fd, self._own_day, self._own_size = segment, fd, day, 0
         return self._own, self._own_fd
 

@@ -11,10 +11,11 @@ exceptions never leave this module: inside they become
 
 DATA takes a fast path for a message whose every line already ends in CRLF,
 as every message the receiver accepted does: the body goes out dot-stuffed by
-`wire_data` (a few C-speed passes) instead of through aiosmtplib's
-line-ending normalisation and stuffing regexes, which cost five times as
-much. Anything else (a bare CR or LF, from a DSN, a rebuilt or a released
-message) takes aiosmtplib's own `SMTP.data()`, which normalises it.
+`wire_data` (a few passes of C-level byte searches) instead of through
+aiosmtplib's line-ending normalisation and stuffing regexes, which cost about
+six times as much. A message with a bare CR or LF (a DSN, a rebuilt or a
+released message could hold one) takes aiosmtplib's own `SMTP.data()`, which
+normalises it.
 
 Connections are kept for reuse per destination (Postfix's connection cache,
 `CONNECTION_CACHE_README`): a pooled connection is checked out by exactly one

@@ -69,6 +69,10 @@ _CONNECTIONS_REFUSED = metrics.CONNECTIONS.labels(result="refused")
 # 512 octets (RFC 5321 §4.5.3.1.4) by aiosmtpd's `command_size_limit`.
 READ_LIMIT = 32 * 1024
 
+# Replies held for a pipelining client before they are written anyway (see push): a client that
+# sends commands without reading the answers meets the transport's flow control just as soon.
+HELD_REPLIES = 32
+
 # A reply that already carries an enhanced status code: "250 2.1.0 ..." or "250-2.1.0 ...".
 _ENHANCED = re.compile(r"\d{3}[ -][245]\.\d{1,3}\.\d{1,3}(?: |$)")
 
@@ -147,22 +151,22 @@ class Transaction(SessionEnvelope):
 
 @dataclass(frozen=True, slots=True)
 class _Hooks:
-    """What aiosmtpd finds by reflection on a handler, found once per handler."""
+    """What aiosmtpd finds by reflection on a handler, found once per handler class."""
 
-    handle: dict[str, Callable[..., Any]]  # "MAIL" -> handler.handle_MAIL
+    names: tuple[str, ...]  # the handler's "handle_*" attributes
     ehlo: str | None  # how handle_EHLO is called: "new" (5 arguments), "old" (4), None (absent)
 
 
 def _reflect(handler: Any) -> _Hooks:
     """aiosmtpd's `SMTP.__init__` reflection over `handler`, with its checks."""
-    handle = {m.replace("handle_", ""): getattr(handler, m) for m in dir(handler) if m.startswith("handle_")}
-    hook = handle.get("EHLO")
+    names = tuple(m for m in dir(handler) if m.startswith("handle_"))
+    hook = getattr(handler, "handle_EHLO", None)
     if hook is None:
-        return _Hooks(handle, None)
+        return _Hooks(names, None)
     arity = len(inspect.signature(hook).parameters)
     if arity not in (4, 5):
         raise RuntimeError("Unsupported EHLO Hook")
-    return _Hooks(handle, "new" if arity == 5 else "old")
+    return _Hooks(names, "new" if arity == 5 else "old")
 
 
 class ReceiverSMTP(SMTP):
@@ -174,9 +178,9 @@ class ReceiverSMTP(SMTP):
     # reflection (`inspect.getmembers`, `dir`, `inspect.signature`): about a tenth of a
     # millisecond per connection. They are the same for every session, so they are found once:
     # the commands per class (plain functions, called as `method(self, arg)`; HELP reads their
-    # `@syntax` text through the same dict), the hooks per handler.
-    _smtp_methods: ClassVar[dict[str, Callable[..., Awaitable[None]]]] = {}
-    _reflected: ClassVar[weakref.WeakKeyDictionary[Any, _Hooks]] = weakref.WeakKeyDictionary()
+    # `@syntax` text through the same dict; set below the class), the hooks' names per handler
+    # class (bound to the handler per session: a cache of bound methods would keep it alive).
+    _reflected: ClassVar[weakref.WeakKeyDictionary[type, _Hooks]] = weakref.WeakKeyDictionary()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -207,9 +211,9 @@ class ReceiverSMTP(SMTP):
             client_connected_cb=self._cb_client_connected,
             loop=loop,
         )
-        hooks = self._reflected.get(handler)
+        hooks = self._reflected.get(type(handler))
         if hooks is None:
-            hooks = self._reflected[handler] = _reflect(handler)
+            hooks = self._reflected[type(handler)] = _reflect(handler)
         self.__ident__ = settings.banner  # the greeting never names the software
         self.loop = loop
         self.event_handler = handler
@@ -236,7 +240,7 @@ class ReceiverSMTP(SMTP):
         self._authenticator = None
         self._auth_callback = login_always_fail
         self._auth_required = False
-        self._handle_hooks = hooks.handle
+        self._handle_hooks = {name.replace("handle_", ""): getattr(handler, name) for name in hooks.names}
         self._ehlo_hook_ver = hooks.ehlo
         self._enforce_call_limit = False
 
@@ -261,14 +265,15 @@ class ReceiverSMTP(SMTP):
     def _auth_methods(self) -> dict[str, _AuthMechAttr]:  # type: ignore[override]
         # aiosmtpd's AUTH mechanisms, by reflection over the session and the handler. Only AUTH
         # and EHLO over TLS read them (no TLS here yet), so they are found on first use.
-        return {
-            getattr(mfunc, "__auth_mechanism_name__", mname.replace("auth_", "").replace("__", "-")): _AuthMechAttr(
-                mfunc, obj is self
-            )
-            for obj in (self, self.event_handler)
-            for mname, mfunc in inspect.getmembers(obj)
-            if mname.startswith("auth_")
-        }
+        # (`inspect.getmembers` as aiosmtpd uses it would read this very property: `dir` names only.)
+        methods = {}
+        for obj in (self, self.event_handler):
+            for mname in dir(obj):
+                if mname.startswith("auth_"):
+                    mfunc = getattr(obj, mname)
+                    name = getattr(mfunc, "__auth_mechanism_name__", mname.replace("auth_", "").replace("__", "-"))
+                    methods[name] = _AuthMechAttr(mfunc, obj is self)
+        return methods
 
     def _create_envelope(self) -> Transaction:
         return Transaction()
@@ -291,7 +296,7 @@ class ReceiverSMTP(SMTP):
         if self._sessions is not None:
             self._sessions.add(self)
         # aiosmtpd's connection_made for a new connection, less its per-connection log line.
-        self._set_rset_state()
+        self.envelope = self._create_envelope()  # _set_rset_state()
         self.session = self._create_session()
         self.session.peer = peer
         self._reset_timeout()
@@ -329,7 +334,7 @@ class ReceiverSMTP(SMTP):
         bogus_budget = BOGUS_LIMIT
         while self.transport is not None and not self._quit:
             try:
-                if self._replies and b"\n" not in reader._buffer:  # type: ignore[attr-defined]
+                if self._replies and (len(self._replies) >= HELD_REPLIES or not self._line_waiting()):
                     await self._flush()  # the next read waits for the client: it needs the replies first
                 try:
                     line: bytes = await reader.readuntil()
@@ -401,7 +406,7 @@ class ReceiverSMTP(SMTP):
                         self.transport.close()
                         self.connection_lost(error)
                     else:
-                        await self.push(status)  # type: ignore[arg-type]
+                        await self.push(status if status is not None else "500 Error: Cannot describe error")
         if self._replies and self.transport is not None:
             await self._flush()
 
@@ -462,10 +467,12 @@ class ReceiverSMTP(SMTP):
         """Queue one reply line (aiosmtpd writes and drains each one at once).
 
         Replies are written together when the client has to wait for them:
-        before the command loop waits for more input, before DATA's content
-        is read, and at once for a 421. A pipelining client (RFC 2920) gets
-        the replies to its group in one segment, as §3.2 asks, and is never
-        left waiting: nothing is held while we wait for it.
+        before the command loop waits for more input (or has held
+        `HELD_REPLIES`), and at once for a reply the client must see before it
+        sends more (3xx: DATA's 354, AUTH's 334; 220: the greeting and
+        STARTTLS) and for a 421. A pipelining client (RFC 2920) gets the
+        replies to its group in one segment, as §3.2 asks, and nothing is held
+        while we wait for the client.
         """
         text = status if isinstance(status, str) else status.decode("utf-8", "surrogateescape")
         if not self._plain_replies and not text.startswith("220"):
@@ -476,12 +483,18 @@ class ReceiverSMTP(SMTP):
             # after it is taken for a command.
             self._write_replies()
             self.close()
+        elif text.startswith(("3", "220")):
+            await self._flush()
 
     def _write_replies(self) -> None:
         if self._replies:
             data = b"".join(self._replies)
             self._replies.clear()
             self._writer.write(data)
+
+    def _line_waiting(self) -> bool:
+        """A whole command line is already buffered: reading it will not wait for the client."""
+        return b"\n" in self._reader._buffer  # type: ignore[attr-defined]  # aiosmtpd reads it too
 
     async def _flush(self) -> None:
         """Write the queued replies; wait while the client lets them pile up unread (flow control)."""
@@ -556,8 +569,7 @@ class ReceiverSMTP(SMTP):
         if arg:
             await self.push("501 5.5.4 Syntax: DATA")
             return
-        await self.push("354 End data with <CR><LF>.<CR><LF>")
-        await self._flush()
+        await self.push("354 End data with <CR><LF>.<CR><LF>")  # written at once (see push)
         self._streaming = True
         try:
             result = await read_data(

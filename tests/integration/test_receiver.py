@@ -232,6 +232,20 @@ def test_pipelined_transactions(receiver: Receiver, spool: SpoolTransport) -> No
     ]
 
 
+def test_a_long_pipelined_group_is_answered_in_order(receiver: Receiver) -> None:
+    """More commands in one write than replies are held back: every reply comes, in order."""
+    with RawClient(receiver.port) as raw:
+        raw.reply()
+        raw.command(b"EHLO client.example")
+        raw.send(b"".join(b"NOOP %d\r\nRSET\r\n" % i for i in range(100)) + b"VRFY <a@example.test>\r\nQUIT\r\n")
+        for _ in range(100):
+            assert raw.reply() == [b"250 2.0.0 OK"]
+            assert raw.reply() == [b"250 2.0.0 OK"]
+        assert raw.code() == 252
+        assert raw.reply() == [b"221 2.0.0 Bye"]
+        assert raw.closed()
+
+
 @pytest.mark.parametrize(
     "error", [SpoolError("cannot store x in scan: No space left on device"), RuntimeError("unexpected")]
 )

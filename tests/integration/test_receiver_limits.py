@@ -124,6 +124,30 @@ def test_idle_timeout(spool: SpoolTransport) -> None:
         assert time.monotonic() - started >= 0.25
 
 
+def test_each_command_restarts_the_idle_time(spool: SpoolTransport) -> None:
+    """Commands spaced below the timeout keep the session for longer than the timeout in total."""
+    with running(make_config(idle_timeout=0.5), spool) as receiver, RawClient(receiver.port) as raw:
+        raw.reply()
+        started = time.monotonic()
+        for _ in range(5):
+            time.sleep(0.2)  # pacing the client (not waiting for a result): 1 s, twice the timeout
+            assert raw.command(b"NOOP") == [b"250 2.0.0 OK"]
+        assert time.monotonic() - started > 0.9
+        quiet = time.monotonic()
+        assert raw.reply() == [b"421 4.4.2 mx.example.test Idle timeout, closing connection"]
+        assert time.monotonic() - quiet >= 0.45
+        assert raw.closed()
+
+
+def test_unrecognised_commands_end_the_session(spool: SpoolTransport) -> None:
+    with running(make_config(), spool) as receiver, RawClient(receiver.port) as raw:
+        raw.reply()
+        for i in range(4):
+            assert raw.command(b"FROB%d" % i) == [b'500 5.5.2 Error: command "FROB%d" not recognized' % i]
+        assert raw.command(b"FROB") == [b"502 5.5.1 Too many unrecognized commands, goodbye."]
+        assert raw.closed()
+
+
 def test_streaming_data_resets_the_idle_timer(spool: SpoolTransport) -> None:
     """DATA that keeps coming, slower than the timeout in total, is not idle."""
     with running(make_config(idle_timeout=0.6), spool) as receiver, RawClient(receiver.port) as raw:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from services.receiver.dataread import DataResult, read_data
+from services.receiver.dataread import DataResult, bare_newline, line_too_long, read_data
 from services.receiver.limits import MemoryBudget
 from services.receiver.policy import DataProblem
 
@@ -186,3 +186,68 @@ def test_stream_ends_before_end_of_data(wire: bytes) -> None:
         assert budget.in_use == 0
 
     asyncio.run(run())
+
+
+def _lines_bare(content: bytes) -> bool:
+    """The reference: split on CRLF, any CR or LF left is bare."""
+    text = b"".join(content.split(b"\r\n"))
+    return b"\r" in text or b"\n" in text
+
+
+def _lines_too_long(content: bytes, limit: int) -> bool:
+    return max(map(len, content.split(b"\r\n"))) > limit
+
+
+@pytest.mark.parametrize(
+    ("content", "bare"),
+    [
+        (b"", False),
+        (b"a\r\nb\r\n", False),
+        (b"\r\n\r\n\r\n", False),
+        (b"unterminated", False),
+        (b"a\r\nb", False),
+        (b"a\nb\r\n", True),
+        (b"a\rb\r\n", True),
+        (b"\r", True),
+        (b"\n", True),
+        (b"\n\r", True),  # as many CRs as LFs, none paired
+        (b"a\n\rb\r\n", True),
+        (b"\r\r\n\n", True),
+        (b"a\r\n\r", True),
+        (b"\n\r\n", True),
+    ],
+)
+def test_bare_newline(content: bytes, bare: bool) -> None:
+    assert bare_newline(content) is bare is _lines_bare(content)
+
+
+@pytest.mark.parametrize(
+    ("content", "limit", "too_long"),
+    [
+        (b"", 1, False),
+        (b"1234\r\n", 4, False),
+        (b"12345\r\n", 4, True),
+        (b"1234\r\n1234\r\n1234\r\n", 4, False),
+        (b"1\r\n12\r\n12345\r\n1\r\n", 4, True),
+        (b"1234\r\n12345", 4, True),  # an unterminated tail counts too
+        (b"1234\r\n1234", 4, False),
+        (b"\r\n" * 10 + b"x" * 9 + b"\r\n", 8, True),
+        (b"x" * 8 + b"\r\n" + b"y" * 8 + b"\r\n", 8, False),
+    ],
+)
+def test_line_too_long(content: bytes, limit: int, too_long: bool) -> None:
+    assert line_too_long(content, limit) is too_long is _lines_too_long(content, limit)
+
+
+def test_checks_agree_with_splitting_into_lines() -> None:
+    """Every string of up to 6 pieces from an alphabet of line ends, dots and text, every limit."""
+    alphabet = [b"a", b"\r", b"\n", b"\r\n", b".", b"bb"]
+    contents = [b""]
+    for _ in range(6):
+        contents = [c + p for c in contents for p in alphabet] + [b""]
+    for content in set(contents):
+        bare = _lines_bare(content)
+        assert bare_newline(content) is bare, content
+        if not bare:  # line_too_long's precondition
+            for limit in range(1, 9):
+                assert line_too_long(content, limit) is _lines_too_long(content, limit), (content, limit)

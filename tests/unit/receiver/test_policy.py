@@ -136,6 +136,9 @@ def test_is_internal(domain: str, internal: bool) -> None:
 def test_relay_clients(ip: str, normalised: str, relay: bool) -> None:
     assert policy.normalise_ip(ip) == normalised
     assert policy.is_relay_client(ip, NETWORKS) is relay
+    assert policy.classify_client(ip, NETWORKS) == (normalised, relay)
+    # Remembered per address and networks: other networks, another answer.
+    assert policy.classify_client(ip, NETWORKS[:1]) == (normalised, relay and normalised.startswith("127."))
 
 
 @pytest.mark.parametrize(

@@ -1,11 +1,19 @@
-"""services.receiver.smtp: enhanced status codes on aiosmtpd's replies; the fast address parse."""
+"""services.receiver.smtp: enhanced status codes on aiosmtpd's replies; the fast address parse; the session
+set up as aiosmtpd would."""
 
 from __future__ import annotations
+
+import asyncio
 
 import pytest
 from aiosmtpd.smtp import SMTP
 
-from services.receiver.smtp import plain_address, with_enhanced_status
+from services.receiver.handler import ReceiverHandler
+from services.receiver.limits import ConnectionGate, MemoryBudget
+from services.receiver.offload import Offload
+from services.receiver.smtp import ReceiverSMTP, plain_address, with_enhanced_status
+from shared.config import Config
+from tests.integration.test_receiver_support import FailingTransport
 
 
 @pytest.mark.parametrize(
@@ -84,3 +92,45 @@ def test_plain_address_parses_like_aiosmtpd(arg: str) -> None:
 )
 def test_unusual_addresses_go_to_the_full_parser(arg: str) -> None:
     assert plain_address(arg) is None
+
+
+def test_session_has_every_attribute_aiosmtpd_sets() -> None:
+    """ReceiverSMTP.__init__ replaces SMTP.__init__: nothing aiosmtpd's methods read may be missing
+    (this fails first when an aiosmtpd upgrade adds one), and the reflected parts must agree."""
+    config = Config()
+    settings = config.receiver
+    loop = asyncio.new_event_loop()
+    try:
+        handler = ReceiverHandler(config, FailingTransport(), Offload(1, "test"))
+        plain = SMTP(
+            handler,
+            data_size_limit=settings.max_message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            hostname=settings.hostname,
+            ident=settings.banner,
+            timeout=settings.idle_timeout,
+            loop=loop,
+        )
+        ours = ReceiverSMTP(
+            handler, settings=settings, gate=ConnectionGate(10, 10), budget=MemoryBudget(1 << 20), loop=loop
+        )
+        missing = {name for name in vars(plain) if not hasattr(ours, name)}
+        assert missing == set()
+        for name in (
+            "__ident__", "data_size_limit", "enable_SMTPUTF8", "_decode_data", "hostname", "tls_context",
+            "require_starttls", "_timeout_duration", "_tls_handshake_okay", "_auth_require_tls", "_auth_required",
+            "_authenticator", "_auth_callback", "_proxy_timeout", "_enforce_call_limit", "_ehlo_hook_ver",
+            "session", "envelope", "transport",
+        ):  # fmt: skip
+            assert getattr(ours, name) == getattr(plain, name), name
+        assert ours._handle_hooks == plain._handle_hooks
+        assert ours._smtp_methods.keys() == plain._smtp_methods.keys()
+        assert ours._smtp_methods["QUIT"] is ReceiverSMTP.smtp_QUIT  # our commands, not aiosmtpd's
+        assert ours._smtp_methods["DATA"] is ReceiverSMTP.smtp_DATA
+        assert ours._auth_methods.keys() == plain._auth_methods.keys()
+        reader = ours._stream_reader  # the session's reader, handed over at connection_made
+        assert isinstance(reader, asyncio.StreamReader)
+        assert reader._limit == ReceiverSMTP.line_length_limit  # type: ignore[attr-defined]
+    finally:
+        loop.close()

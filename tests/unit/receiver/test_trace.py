@@ -90,3 +90,15 @@ def test_address_literal(ip: str, literal: str) -> None:
 )
 def test_protocol(esmtp: bool, tls: bool, auth: bool, utf8: bool, name: str) -> None:
     assert protocol(esmtp=esmtp, tls=tls, authenticated=auth, smtputf8=utf8) == name
+
+
+def test_parts_remembered_between_messages_stay_per_client_and_per_second() -> None:
+    """The from line, hostname and date are formatted once and reused: never another client's or second's."""
+    first = header(helo="a.example", ip="192.0.2.1", hostname="mx (one)", received_at=WHEN.replace(microsecond=1))
+    again = header(helo="a.example", ip="192.0.2.1", hostname="mx (one)", received_at=WHEN.replace(microsecond=999999))
+    assert first == again  # the date has no fraction of a second
+    assert first.startswith(b"Received: from a.example ([192.0.2.1])\r\n\tby mx??one? with ")
+    other = header(helo="a.example", ip="2001:db8::1", received_at=WHEN.replace(second=6))
+    assert other.startswith(b"Received: from a.example ([IPv6:2001:db8::1])\r\n\tby mx.example.test with ")
+    assert other.endswith(b"Fri, 01 Mar 2024 12:30:06 +0000\r\n")
+    assert header(helo="b.example", ip="192.0.2.1").startswith(b"Received: from b.example ([192.0.2.1])\r\n")
