@@ -45,6 +45,12 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     config = _config(args.config)
     setup(config.logging.level, config.logging.format, service=args.role)
+    if args.split:
+        if args.role != "all":
+            raise SystemExit("smtpgw run: --split only goes with 'all'")
+        from services.supervisor import run_split
+
+        return run_split(config, args.config, list(runner.ROLES), threads=args.threads)
     roles = set(runner.ROLES) if args.role == "all" else {args.role}
     return runner.run(config, roles, threads=args.threads)
 
@@ -150,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_config(sub.add_parser("run", help="run one service, or all of them in one process"))
     p.add_argument("role", choices=["all", *runner.ROLES])
     p.add_argument("--threads", type=int, help="scanner worker threads (overrides [scanner].threads)")
+    p.add_argument("--split", action="store_true", help="with 'all': each service in its own process (all cores)")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("check-config", help="validate a configuration file and exit")

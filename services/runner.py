@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from prometheus_client import REGISTRY
+from prometheus_client import REGISTRY, CollectorRegistry
 
 from shared.config import Config
 from shared.metrics import QueueDepthCollector, serve
@@ -86,22 +86,27 @@ def stop_consumers(running: Running, timeout: float = 30.0) -> None:
             log.exception("error while closing")
 
 
+def register_collectors(registry: CollectorRegistry, config: Config, transport: Transport, roles: set[str]) -> None:
+    """The metrics read at scrape time: queue depths and consumers, the updater's state."""
+    consumers = getattr(transport, "consumers", None)  # the broker counts the consumers of each queue
+    registry.register(
+        QueueDepthCollector(
+            [q.value for q in Queue],
+            lambda q: transport.depth(Queue(q)),
+            (lambda q: int(consumers(Queue(q)))) if consumers is not None else None,
+        )
+    )
+    if "updater" in roles:
+        from services.updater.app import collector
+
+        registry.register(collector(config))
+
+
 def run(config: Config, roles: set[str], threads: int | None = None) -> int:
     """Run until SIGTERM or SIGINT; returns the process exit code."""
     transport = open_transport(config)
     if config.metrics.enabled:
-        consumers = getattr(transport, "consumers", None)  # the broker counts the consumers of each queue
-        REGISTRY.register(
-            QueueDepthCollector(
-                [q.value for q in Queue],
-                lambda q: transport.depth(Queue(q)),
-                (lambda q: int(consumers(Queue(q)))) if consumers is not None else None,
-            )
-        )
-        if "updater" in roles:
-            from services.updater.app import collector
-
-            REGISTRY.register(collector(config))
+        register_collectors(REGISTRY, config, transport, roles)
         serve(config.metrics.listen.host, config.metrics.listen.port)
     running = start_consumers(config, roles - {"receiver"}, transport, threads)
     log.info("started %s", ", ".join(sorted(roles)))

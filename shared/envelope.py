@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import functools
 import json
 import re
 import secrets
@@ -121,14 +120,15 @@ def _plain(obj: object) -> object:
         return obj.isoformat()
     if isinstance(obj, tuple):
         return [_plain(v) for v in obj]
-    if dataclasses.is_dataclass(obj):
-        return {name: _plain(getattr(obj, name)) for name in _field_names(type(obj))}
+    names = _FIELDS.get(type(obj))
+    if names is not None:
+        return {name: _plain(getattr(obj, name)) for name in names}
     return obj
 
 
-@functools.cache
-def _field_names(cls: type) -> tuple[str, ...]:
-    return tuple(f.name for f in dataclasses.fields(cls))
+_FIELDS: dict[type, tuple[str, ...]] = {
+    cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in (Envelope, Client, Verdict, RecipientFailure)
+}
 
 
 def encode(env: Envelope) -> bytes:

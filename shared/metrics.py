@@ -21,10 +21,14 @@ _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 
 
 # receiver
 CONNECTIONS = Counter("smtpgw_receiver_connections_total", "SMTP connections", ["result"])
-ACTIVE_CONNECTIONS = Gauge("smtpgw_receiver_active_connections", "Open SMTP connections")
+# Gauges say how to combine processes under `run all --split` (prometheus_client multiprocess mode);
+# the setting is ignored in a single process.
+ACTIVE_CONNECTIONS = Gauge("smtpgw_receiver_active_connections", "Open SMTP connections", multiprocess_mode="livesum")
 MESSAGES_RECEIVED = Counter("smtpgw_receiver_messages_total", "Messages accepted or refused", ["result", "reason"])
 RECIPIENTS_REFUSED = Counter("smtpgw_receiver_recipients_refused_total", "Recipients refused", ["reason"])
-DATA_INFLIGHT = Gauge("smtpgw_receiver_data_inflight_bytes", "DATA bytes held in memory right now")
+DATA_INFLIGHT = Gauge(
+    "smtpgw_receiver_data_inflight_bytes", "DATA bytes held in memory right now", multiprocess_mode="livesum"
+)
 ACCEPT_SECONDS = Histogram(
     "smtpgw_receiver_accept_duration_seconds", "End of DATA to the 250 (durable store)", buckets=_BUCKETS
 )
@@ -50,7 +54,9 @@ QUARANTINED = Counter("smtpgw_quarantine_messages_total", "Messages put in quara
 SCANNER_RULES_RELOADS = Counter(
     "smtpgw_scanner_rules_reloads_total", "Rule bundle loads by a scanner", ["result"]
 )  # result: loaded, unchanged, failed (the rules in force stay)
-SCANNER_RULES_VERSION = Gauge("smtpgw_scanner_rules_version_info", "Rule bundle in force (1)", ["version"])
+SCANNER_RULES_VERSION = Gauge(
+    "smtpgw_scanner_rules_version_info", "Rule bundle in force (1)", ["version"], multiprocess_mode="liveall"
+)
 
 # updater
 UPDATER_RUNS = Counter(

@@ -13,6 +13,7 @@ import email.policy
 import io
 import json
 import os
+import signal
 import smtplib
 import socket
 import threading
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.gateway import Gateway, metrics_text, wait_quiet
+from tests.e2e.gateway import Gateway, metrics_text, port_open, wait_quiet
 from tests.support import EICAR, TESTFILES, CaptureHandler, TcpProxy, free_port, wait_until
 
 pytestmark = [pytest.mark.e2e]
@@ -423,3 +424,43 @@ def test_check_config_names_every_bad_key(make_gateway: MakeGateway, tmp_path: P
     assert result.returncode == 2
     for key in ("receiver.max_recipients", "receiver.listen", "scanner.clamd"):
         assert f"{bad}:{key}:" in result.stderr
+
+
+# ---------------------------------------------------------------- run all --split
+
+
+def children_of(pid: int) -> dict[str, int]:
+    """role -> pid of the supervisor's children (from /proc)."""
+    found = {}
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+        if b"run" in argv:
+            found[argv[argv.index(b"run") + 1].decode()] = int(child)
+    return found
+
+
+def test_split_runs_each_service_in_its_own_process_and_restarts_the_dead(
+    make_gateway: MakeGateway, downstream: tuple[CaptureHandler, int], clamd_address: str
+) -> None:
+    handler, port = downstream
+    gw = make_gateway(base_sections(port, clamd_address))
+    supervisor = gw.spawn("run", "all", "--split", name="split")
+    assert wait_until(lambda: port_open(gw.smtp_port), timeout=30), gw.logs()
+    assert supervisor.proc is not None
+    roles = children_of(supervisor.proc.pid)
+    assert set(roles) == {"receiver", "scanner", "delivery", "quarantine", "updater"}
+    send(gw, message("split 1"))
+    assert handler.wait_for(1, timeout=30), gw.logs()
+
+    os.kill(roles["scanner"], signal.SIGKILL)  # a crash: the supervisor starts a new scanner
+    assert wait_until(lambda: children_of(supervisor.proc.pid).get("scanner", roles["scanner"]) != roles["scanner"])
+    send(gw, message("split 2"))
+    assert len(handler.wait_for(2, timeout=30)) == 2, gw.logs()
+
+    text = metrics_text(gw.metrics_port)  # every child's samples, served by the supervisor
+    accepted = [line for line in text.splitlines() if line.startswith("smtpgw_receiver_messages_total{")]
+    assert any('result="accepted"' in line and line.endswith(" 2.0") for line in accepted), accepted
+    # Counters survive their process: the dead scanner's sample files stay in the metrics directory.
+    assert "smtpgw_scan_duration_seconds_count 2.0" in text.splitlines()
+    assert "smtpgw_queue_depth" in text
+    assert supervisor.terminate(timeout=60) == 0, gw.logs()
