@@ -52,6 +52,7 @@ class SharedCounters:
         self._map = mmap.mmap(self._fd, processes * self._stride * 8)
         self._values = memoryview(self._map).cast("q")
         self._own = slot * self._stride
+        self._final: tuple[int, int] | None = None  # (connections, data) when closed
 
     @classmethod
     def create(cls, processes: int) -> SharedCounters:
@@ -65,6 +66,10 @@ class SharedCounters:
         return cls(path, processes, 0)
 
     def close(self, *, unlink: bool = False) -> None:
+        """Unmap (and with `unlink`, remove) the file; the totals stay readable as they were."""
+        if self._final is not None:
+            return
+        self._final = (self._sum(0), self._sum(1))
         self._values.release()
         self._map.close()
         os.close(self._fd)
@@ -91,7 +96,7 @@ class SharedCounters:
 
     @property
     def connections(self) -> int:
-        return self._sum(0)
+        return self._sum(0) if self._final is None else self._final[0]
 
     def admit(self, ip: str, max_total: int, max_per_client: int) -> str | None:
         bucket = self._bucket(ip)
@@ -114,21 +119,22 @@ class SharedCounters:
 
     @property
     def data(self) -> int:
-        return self._sum(1)
+        return self._sum(1) if self._final is None else self._final[1]
 
     def take(self, n: int, limit: int) -> int | None:
-        """The new total once `n` bytes are taken, or None (nothing taken) past `limit`."""
+        """This process's bytes once `n` more are taken, or None (nothing taken) when the group's
+        total would pass `limit`."""
         with self._locked():
-            total = self._sum(1) + n
-            if total > limit:
+            if self._sum(1) + n > limit:
                 return None
             self._values[self._own + 1] += n
-        return total
+            return self._values[self._own + 1]
 
     def give(self, n: int) -> int:
+        """This process's bytes once `n` are given back."""
         with self._locked():
             self._values[self._own + 1] -= n
-            return self._sum(1)
+            return self._values[self._own + 1]
 
     def clear(self, slot: int) -> None:
         """Forget what the process of `slot` counted (it is gone: its connections and bytes with it)."""
@@ -188,7 +194,9 @@ class MemoryBudget:
     ) -> None:
         self.limit = limit
         self._in_use = 0
-        self._observe = observe  # e.g. a gauge's `set`, told the new total after each change
+        # e.g. a gauge's `set`, told this process's total after each change (a group's processes
+        # each report their own, so that their gauges add up)
+        self._observe = observe
         self._shared = shared
 
     @property
@@ -198,9 +206,10 @@ class MemoryBudget:
 
     def take(self, n: int) -> bool:
         if self._shared is not None:
-            total = self._shared.take(n, self.limit)
-            if total is None:
+            mine = self._shared.take(n, self.limit)
+            if mine is None:
                 return False
+            total = mine
         else:
             if self._in_use + n > self.limit:
                 return False
