@@ -71,6 +71,18 @@ def _split(name: str) -> tuple[str, int]:
     return queue_id, int(gen)
 
 
+def _writer_alive(tmp_name: str) -> bool:
+    """Is the process that named this tmp file `<name>.<pid>.<thread>` still running?"""
+    try:
+        pid = int(tmp_name.rsplit(".", 2)[-2])
+        os.kill(pid, 0)
+    except (ValueError, IndexError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True  # alive, under another user
+    return True
+
+
 def pack(envelope: Envelope, body: bytes) -> list[bytes]:
     """The spool file's bytes, as pieces for one writev: magic, envelope length, envelope, body."""
     env = encode(envelope)
@@ -194,7 +206,9 @@ class SpoolTransport(Transport):
 
     def _write(self, queue: Queue, name: str, envelope: Envelope, body: bytes) -> None:
         """tmp -> fsync -> rename into the queue. The caller fsyncs the queue directory."""
-        tmp = os.path.join(self._dir("tmp"), f"{name}.{threading.get_ident()}")
+        # The writer's pid in the name lets recovery in another process tell a crash's leftover
+        # from a file being written right now.
+        tmp = os.path.join(self._dir("tmp"), f"{name}.{os.getpid()}.{threading.get_ident()}")
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
@@ -279,7 +293,8 @@ class SpoolTransport(Transport):
             except BlockingIOError:
                 raise SpoolError(f"queue {consumer.queue} in {self.root} is consumed by another process") from None
             consumer.notify = self._bind_notify(consumer.queue)
-        self._recover()
+        if self._consumers:  # a publish-only process (a receiver) has nothing to recover
+            self._recover()
         for consumer in self._consumers.values():
             for i in range(consumer.workers):
                 self._spawn(f"{consumer.queue}-{i}", self._work, consumer)
@@ -343,10 +358,15 @@ class SpoolTransport(Transport):
         self._threads.append(thread)
 
     def _recover(self) -> None:
-        """Startup: drop stale tmp files and superseded generations, then queue what is left."""
+        """Startup: drop stale tmp files and superseded generations, then queue what is left.
+
+        Other processes may share the spool and be writing right now: only tmp files of writers
+        that are gone are removed, and removing a superseded generation is what its committing
+        process does next anyway."""
         for leftover in os.listdir(self._dir("tmp")):
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.join(self._dir("tmp"), leftover))
+            if not _writer_alive(leftover):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(self._dir("tmp"), leftover))
         newest: dict[str, tuple[int, Queue]] = {}
         for q in Queue:
             for name in os.listdir(self._dir(q)):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -213,3 +214,32 @@ def test_back_pressure_when_the_disk_is_nearly_full(spool_dir: Path) -> None:
     assert cramped.accepting() == "spool disk nearly full"
     roomy.stop()
     cramped.stop()
+
+
+def test_recovery_keeps_tmp_files_of_living_writers(spool_dir: Path) -> None:
+    """Processes share a spool: a consumer starting up must not delete what another one is writing."""
+    SpoolTransport(str(spool_dir)).stop()
+    sleeper = subprocess.Popen(["sleep", "30"])
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    try:
+        (spool_dir / "tmp" / f"A,0.{sleeper.pid}.1").write_bytes(b"being written")
+        (spool_dir / "tmp" / f"B,0.{dead.pid}.1").write_bytes(b"left by a crash")
+        (spool_dir / "tmp" / "garbage").write_bytes(b"?")
+        t = SpoolTransport(str(spool_dir))
+        t.consume(Queue.SCAN, lambda job: [], 1)
+        t.start()
+        t.stop()
+        assert files(spool_dir, "tmp") == [f"A,0.{sleeper.pid}.1"]
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_a_publish_only_process_does_not_recover(spool_dir: Path) -> None:
+    SpoolTransport(str(spool_dir)).stop()
+    (spool_dir / "tmp" / "left,0.999999999.1").write_bytes(b"x")
+    t = SpoolTransport(str(spool_dir))
+    t.start()  # no consumers: a receiver
+    t.stop()
+    assert files(spool_dir, "tmp") == ["left,0.999999999.1"]
