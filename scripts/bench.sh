@@ -16,12 +16,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-say() { printf 'bench: %s\n' "$*"; }
-die() {
-    printf 'bench: %s\n' "$*" >&2
-    exit 1
-}
-installed() { [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok installed" ]; }
+SCRIPT_NAME=bench
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
 
 [ "$(id -u)" = 0 ] || die "run me as root (I install Debian packages and start clamd)"
 
@@ -32,21 +29,8 @@ for pkg in postfix clamsmtp; do
     installed "$pkg" || missing+=("$pkg")
 done
 if [ "${#missing[@]}" -gt 0 ]; then
-    say "installing Debian packages: ${missing[*]}"
-    if [ ! -e /usr/sbin/policy-rc.d ]; then
-        printf '#!/bin/sh\n# Temporary, from smtpgw scripts/bench.sh: no service starts during apt-get install.\nexit 101\n' \
-            >/usr/sbin/policy-rc.d
-        chmod 755 /usr/sbin/policy-rc.d
-        trap 'rm -f /usr/sbin/policy-rc.d' EXIT
-    fi
     echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get -o DPkg::Lock::Timeout=600 update -qq
-    apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}"
-    if [ -n "$(trap -p EXIT)" ]; then
-        rm -f /usr/sbin/policy-rc.d
-        trap - EXIT
-    fi
+    install_packages "${missing[@]}"
 fi
 # Should a package's own daemon run anyway (a machine whose init starts it), stop it: the
 # benchmark starts its own sink and ClamSMTP on free ports and needs nothing listening on 25.

@@ -49,16 +49,9 @@ RABBITMQ_PORT=5672
 REDIS_PORT=6379
 PACKAGES=(clamav-daemon clamav clamav-testfiles clamdscan swaks dnsmasq-base prometheus)
 
-say() { printf 'setup: %s\n' "$*"; }
-die() {
-    printf 'setup: %s\n' "$*" >&2
-    exit 1
-}
-
-# shellcheck disable=SC2016 # the inner bash expands $1 and $2, not this one
-port_open() { timeout 3 bash -c 'exec 3<>"/dev/tcp/$1/$2"' _ "$1" "$2" 2>/dev/null; }
-
-installed() { [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok installed" ]; }
+SCRIPT_NAME=setup
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
 
 # The Python the venv is made from: 3.11 or newer with the venv module and pip
 # (Debian ships ensurepip separately, in python3-venv).
@@ -91,31 +84,7 @@ if [ "$WITH_REDIS" = 1 ] && ! port_open 127.0.0.1 "$REDIS_PORT" && ! installed r
 fi
 
 if [ "${#missing[@]}" -gt 0 ]; then
-    command -v apt-get >/dev/null || die "missing ${missing[*]}, and this is not a Debian system with apt-get"
-    say "installing Debian packages: ${missing[*]}"
-    # The maintainer scripts try to start Debian's own clamav-daemon,
-    # clamav-freshclam (which would then try to download signatures forever),
-    # rabbitmq-server and redis-server. With no init system running,
-    # invoke-rc.d already refuses ("No init system and policy-rc.d missing!
-    # Defaulting to block."); under sysvinit it would start them. smtpgw starts
-    # its own clamd, RabbitMQ and Redis below, so say "no" for the duration of
-    # the install in every case: exit 101 = action forbidden (see
-    # /usr/share/doc/init-system-helpers/README.policy-rc.d). An existing
-    # policy-rc.d belongs to the machine and is left alone.
-    if [ ! -e /usr/sbin/policy-rc.d ]; then
-        printf '#!/bin/sh\n# Temporary, from smtpgw scripts/setup.sh: no service starts during apt-get install.\nexit 101\n' \
-            >/usr/sbin/policy-rc.d
-        chmod 755 /usr/sbin/policy-rc.d
-        trap 'rm -f /usr/sbin/policy-rc.d' EXIT
-    fi
-    export DEBIAN_FRONTEND=noninteractive
-    # Another apt (an admin, unattended-upgrades) may hold the lock: wait for it.
-    apt-get -o DPkg::Lock::Timeout=600 update -qq
-    apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}"
-    if [ -n "$(trap -p EXIT)" ]; then
-        rm -f /usr/sbin/policy-rc.d
-        trap - EXIT
-    fi
+    install_packages "${missing[@]}"
 else
     say "Debian packages: all present"
 fi
