@@ -40,25 +40,46 @@ def bind(**fields: Any) -> None:
 
 def event(logger: logging.Logger, message: str, level: int = logging.INFO, **fields: Any) -> None:
     """One canonical decision line: the message plus key=value fields."""
-    logger.log(level, message, extra={"fields": fields})
+    if logger.isEnabledFor(level):
+        # stacklevel=2: where caller information is kept (tests), it names event()'s caller.
+        logger.log(level, message, extra={"fields": fields}, stacklevel=2)
+
+
+_NO_FIELDS: dict[str, Any] = {}
 
 
 def _fields(record: logging.LogRecord) -> dict[str, Any]:
-    return {**_context.get(), **getattr(record, "fields", {})}
+    return {**_context.get(), **getattr(record, "fields", _NO_FIELDS)}
+
+
+# One encoder for every line: json.dumps(..., default=str) builds a new JSONEncoder per call.
+_encode = json.JSONEncoder(default=str).encode
 
 
 class JsonFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__()
+        # (second, "YYYY-MM-DDTHH:MM:SS") of the last line: most lines share their second with the one before.
+        # One tuple, replaced whole, so threads formatting at once never pair a second with another's text.
+        self._second: tuple[int, str] = (-1, "")
+
     def format(self, record: logging.LogRecord) -> str:
+        second, text = self._second
+        if int(record.created) != second:
+            second = int(record.created)
+            text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second = (second, text)
         line: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "ts": f"{text}.{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
-            **_fields(record),
+            **_context.get(),
+            **getattr(record, "fields", _NO_FIELDS),
         }
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)
-        return json.dumps(line, default=str)
+        return _encode(line)
 
 
 class TextFormatter(logging.Formatter):
@@ -79,6 +100,12 @@ def setup(level: str = "info", fmt: str = "auto", service: str = "") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # Neither formatter shows the caller's file and line, thread or process: do not compute them for every
+    # record (https://docs.python.org/3/howto/logging.html#optimization). This saves a stack walk per line.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     # aiosmtpd logs every command line at INFO, including MAIL/RCPT addresses: keep it quiet.
     logging.getLogger("mail.log").setLevel(logging.WARNING)
     if service:

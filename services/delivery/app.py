@@ -47,6 +47,10 @@ T = TypeVar("T")
 # Words of the canonical log line, Postfix's vocabulary (status=sent|deferred|bounced).
 # The same words label smtpgw_delivery_attempts_total{result}.
 _STATUS = {Outcome.DELIVERED: "sent", Outcome.TEMPORARY: "deferred", Outcome.PERMANENT: "bounced"}
+# Metric children bound once: `.labels()` looks them up under a lock on every call.
+_ATTEMPTS = {result: DELIVERY_ATTEMPTS.labels(result=result) for result in (*_STATUS.values(), "duplicate")}
+_BOUNCES_SUPPRESSED = BOUNCES.labels(result="suppressed")
+_BOUNCES_CREATED = BOUNCES.labels(result="created")
 
 # Delivered-recipient records outlive the message's lifetime by this much, then are purged.
 LEDGER_GRACE = timedelta(seconds=LEDGER_GRACE_SECONDS)
@@ -153,7 +157,7 @@ class Delivery:
             for rcpt in dict.fromkeys(env.rcpt_to):  # each recipient once, in order
                 if self._ledger.was_delivered(env.queue_id, rcpt):
                     # Delivered before a crash or a redelivery: sending again would duplicate it.
-                    DELIVERY_ATTEMPTS.labels(result="duplicate").inc()
+                    _ATTEMPTS["duplicate"].inc()
                     self._log_line(env, rcpt, "none", "2.0.0", "duplicate", "already delivered; not sent again")
                 else:
                     todo.append(rcpt)
@@ -174,12 +178,12 @@ class Delivery:
             spread=self._rng.random(),
         )
         for result in outcome.results:
-            DELIVERY_ATTEMPTS.labels(result=_STATUS[result.outcome]).inc()
+            _ATTEMPTS[_STATUS[result.outcome]].inc()
             self._log_line(
                 env, result.rcpt, result.relay, result.reply.status, _STATUS[result.outcome], str(result.reply)
             )
         if outcome.suppressed:
-            BOUNCES.labels(result="suppressed").inc()
+            _BOUNCES_SUPPRESSED.inc()
             event(log, f"queue_id={env.queue_id} no bounce: {outcome.suppressed}", queue_id=env.queue_id)
         return list(outcome.outputs)
 
@@ -265,7 +269,7 @@ class Delivery:
             if reason is None and not env.failures:
                 reason = "bounce job without failed recipients"
             if reason is not None:
-                BOUNCES.labels(result="suppressed").inc()
+                _BOUNCES_SUPPRESSED.inc()
                 event(log, f"queue_id={env.queue_id} no bounce to <{env.mail_from}>: {reason}", queue_id=env.queue_id)
                 return []
             now = self._now()
@@ -273,7 +277,7 @@ class Delivery:
             dsn_env = dsn_envelope(
                 env, dsn, reporting_mta=self._helo, now=now, lifetime=self._config.max_queue_lifetime
             )
-            BOUNCES.labels(result="created").inc()
+            _BOUNCES_CREATED.inc()
             event(
                 log,
                 f"queue_id={env.parent_id or env.queue_id} sender non-delivery notification: {dsn_env.queue_id} "
