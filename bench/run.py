@@ -82,16 +82,17 @@ def say(text: str) -> None:
 # ---------------------------------------------------------------- peers
 
 
-def start_clamd(options: Options, port: int) -> Proc:
-    """A clamd of our own: the project's config and signatures, its own port and directory."""
+def start_clamd(options: Options, port: int, tmp: str) -> Proc:
+    """A clamd of our own: the project's config and signatures, its own port and directory;
+    `tmp` for its scratch files (a tmpfs, as scripts/clamd.sh chooses: see clamd.conf.in)."""
     var = os.path.join(options.work, "clamd")
-    os.makedirs(os.path.join(var, "clamd", "tmp"), exist_ok=True)
+    os.makedirs(tmp, exist_ok=True)
     os.makedirs(os.path.join(var, "clamav"), exist_ok=True)
     for name in os.listdir(os.path.join(ROOT, "etc", "clamav")):
         if not name.endswith(".in") and not name.startswith("README"):
             shutil.copy(os.path.join(ROOT, "etc", "clamav", name), os.path.join(var, "clamav", name))
     with open(os.path.join(ROOT, "etc", "clamav", "clamd.conf.in")) as fh:
-        conf = fh.read().replace("@VAR@", var).replace("@PORT@", str(port))
+        conf = fh.read().replace("@VAR@", var).replace("@TMP@", tmp).replace("@PORT@", str(port))
     conf = re.sub(r"(?m)^Foreground .*$", "Foreground yes", conf)
     conf = re.sub(r"(?m)^LocalSocket .*$", "", conf)
     if not options.clamd_cache:
@@ -662,7 +663,7 @@ def run(options: Options) -> int:
     load_start = loadavg()
     started = time.time()
     try:
-        clamd = start_clamd(options, env.clamd_port)
+        clamd = start_clamd(options, env.clamd_port, f"{sink_dir}-clamd")
         procs.append(clamd)
         sampler.watch(clamd.pid, "clamd")
         if options.clamd_cache:
@@ -690,6 +691,7 @@ def run(options: Options) -> int:
         stop_all(reversed(procs))
         sampler.stop()
         shutil.rmtree(sink_dir, ignore_errors=True)
+        shutil.rmtree(f"{sink_dir}-clamd", ignore_errors=True)
     kinds = corpus.kind_counts(options.pool)
     context = {
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
@@ -699,7 +701,7 @@ def run(options: Options) -> int:
         + ", ".join(f"{k} {v}" for k, v in kinds.items())
         + (f", plus real mail from {options.real_corpus}" if options.real_corpus else ""),
         "phases": f"up to {options.messages} messages or {options.duration:.0f} s each (concurrency 1: a tenth, 15 s)",
-        "clamd": "one clamd (project config and signatures, "
+        "clamd": "one clamd (project config and signatures, scratch files in /dev/shm, "
         + ("clamd's default cache of clean files" if options.clamd_cache else "DisableCache yes")
         + ") for the clamd ceiling, ClamSMTP and smtpgw",
         "sink": "Postfix smtp-sink, each message dumped to a file in /dev/shm and checked afterwards",

@@ -61,7 +61,14 @@ switch_to() {
     mv -T "$DB.link-$$" "$DB"
 }
 
-mkdir -p "$VAR/clamd/tmp" "$VERSIONS"
+# clamd's scratch files (see TemporaryDirectory in etc/clamav/clamd.conf.in): on the tmpfs
+# /dev/shm when it is writable, one directory per checkout; else under var/.
+TMP="$VAR/clamd/tmp"
+if [ -d /dev/shm ] && [ -w /dev/shm ]; then
+    TMP="/dev/shm/smtpgw-clamd-$(printf '%s' "$VAR" | sha256sum | cut -c1-12)"
+fi
+mkdir -p "$TMP" "$VERSIONS"
+chmod 700 "$TMP"
 if [ -d "$DB" ] && [ ! -L "$DB" ]; then
     name="$(new_version seed)"
     mv "$DB" "$VERSIONS/$name"
@@ -129,7 +136,7 @@ else
         echo "clamd is not installed (scripts/setup.sh installs it: apt-get install clamav-daemon)" >&2
         exit 1
     }
-    sed -e "s|@VAR@|$VAR|g" -e "s|@PORT@|$PORT|g" etc/clamav/clamd.conf.in >"$VAR/clamd/clamd.conf"
+    sed -e "s|@VAR@|$VAR|g" -e "s|@TMP@|$TMP|g" -e "s|@PORT@|$PORT|g" etc/clamav/clamd.conf.in >"$VAR/clamd/clamd.conf"
     clamd --config-file="$VAR/clamd/clamd.conf"
 fi
 

@@ -61,7 +61,7 @@ def own_clamd(base: Path, settings: Mapping[str, str] | None = None) -> Iterator
     port = free_port()
     conf = (ROOT / "etc" / "clamav" / "clamd.conf.in").read_text()
     conf = conf.replace("@VAR@/clamd/clamd.sock", str(base / "clamd.sock")).replace("@PORT@", str(port))
-    conf = conf.replace("@VAR@/clamav", str(database)).replace("@VAR@/clamd/tmp", str(base / "tmp"))
+    conf = conf.replace("@VAR@/clamav", str(database)).replace("@TMP@", str(base / "tmp"))
     conf = conf.replace("@VAR@/clamd", str(base)).replace("Foreground no", "Foreground yes")
     for key, value in (settings or {}).items():
         conf, found = re.subn(rf"(?m)^{key} .*$", f"{key} {value}", conf)
