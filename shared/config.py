@@ -314,7 +314,7 @@ class SpoolConfig:
 
 @dataclass(frozen=True, slots=True)
 class ScannerConfig:
-    threads: int = setting(4, _int(1))
+    threads: int = setting(16, _int(1))  # mostly waiting for clamd: see etc/smtpgw.example.toml
     clamd: str = setting("tcp://127.0.0.1:3310", _clamd_address)
     clamd_timeout: float = setting("60s", parse_duration)
     retry_delay: float = setting("30s", parse_duration)
