@@ -89,7 +89,7 @@ def table(rows: Sequence[Row]) -> str:
         cells = [
             row["system"],
             str(row["concurrency"]),
-            str(row["per_connection"]) if row["system"] != "clamd" else "–",
+            str(row["per_connection"]) if not row["system"].startswith("clamd") else "–",
             _num(row["rate"]),
             _ratio(to_loop) if row["system"] != "loopback" else "1.00×",
             _ratio(to_clamd) if row["system"] != "clamd" else "1.00×",
