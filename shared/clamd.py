@@ -17,11 +17,19 @@ one of ours:
 Infected is not scan-failed (compare rspamd's lua_scanners/clamav.lua): a
 reply is OK, FOUND with a signature, or ERROR (`parse_reply`, pure).
 
-Each call opens its own connection. clamd's IDSESSION could reuse one, but
-its replies are multiplexed by id, the session dies on IdleTimeout and on
-errors, and a broken session would have to be detected and replayed; a
-loopback or Unix connection per scan costs well under a millisecond. The
-client holds no connection state, so worker threads share one instance.
+Scans reuse connections: each is a clamd session (IDSESSION, clamd(8)), in
+which clamd answers every command with "<id>: <reply>", ids counting from 1.
+A connection and a session start cost both sides a connect, an accept and a
+thread hand-off per scan otherwise. Idle sessions wait in a pool that worker
+threads share, one command at a time each, so a reply always belongs to the
+one command in flight; its id is checked all the same. clamd ends a session
+on IdleTimeout, on a refused stream and when it restarts: a session idle for
+longer than SESSION_IDLE is not reused, one that answers anything but OK or
+FOUND is closed, and a scan whose reused session turns out dead is sent once
+more on a new one (scanning has no side effects, so repeating it is safe).
+Each command runs on the engine clamd has loaded at that moment, so a RELOAD
+applies to open sessions too (tests/integration/test_scanner_clamd.py).
+PING, VERSION and RELOAD open a connection of their own.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import enum
 import re
 import socket
 import struct
+import threading
 import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -40,9 +49,14 @@ from shared.errors import ScanError, ScanLimitExceeded, ScannerUnavailable
 from shared.metrics import CLAMD_ERRORS, CLAMD_SECONDS
 
 CHUNK_SIZE = 64 * 1024
+# Buffers per sendmsg call: well under IOV_MAX (1024 on Linux).
+MAX_PIECES = 512
 # A reply is one short line; anything longer is not clamd talking.
 MAX_REPLY = 64 * 1024
 CONNECT_ATTEMPTS = 3
+# A pooled session idle for longer is closed instead of reused: clamd ends idle sessions after
+# IdleTimeout (30 s by default; 60 s in etc/clamav/clamd.conf.in).
+SESSION_IDLE = 20.0
 
 
 class ScanStatus(enum.StrEnum):
@@ -89,6 +103,15 @@ def parse_reply(reply: bytes) -> ScanResult:
     return ScanResult(ScanStatus.ERROR, text=text or "(empty reply)")
 
 
+def session_reply(reply: bytes, expected_id: int) -> bytes:
+    """A reply inside an IDSESSION ("<id>: <reply>\\0") -> the reply without its id.
+    Raises ScanError when the id is not `expected_id`: the session is out of step."""
+    ident, sep, rest = reply.partition(b": ")
+    if not sep or not ident.isdigit() or int(ident) != expected_id:
+        raise ScanError(f"clamd session out of step: expected reply {expected_id}, got {reply[:200]!r}")
+    return rest
+
+
 def is_size_limit(result: ScanResult) -> bool:
     """clamd refused the stream: "INSTREAM size limit exceeded. ERROR" (StreamMaxLength)."""
     return result.status is ScanStatus.ERROR and "size limit exceeded" in result.text.lower()
@@ -115,6 +138,8 @@ class ClamdClient:
             self._target = url.path
         else:
             raise ValueError(f"{address!r} is not 'tcp://host:port' or 'unix:///path/to/clamd.sock'")
+        self._sessions: list[_Session] = []  # idle, the most recently used last
+        self._sessions_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"ClamdClient({self.address!r}, timeout={self._timeout})"
@@ -125,7 +150,7 @@ class ClamdClient:
         """Scan `data` with INSTREAM. Returns an OK or FOUND result; raises ScanError otherwise."""
         started = time.monotonic()
         try:
-            result = parse_reply(self._exchange(b"INSTREAM", data))
+            result = parse_reply(self._in_session(b"INSTREAM", data))
         except ScannerUnavailable:
             CLAMD_ERRORS.labels("unavailable").inc()
             raise
@@ -162,40 +187,105 @@ class ClamdClient:
         if reply != b"RELOADING":
             raise ScanError(f"clamd at {self.address} answered RELOAD with {reply!r}")
 
+    def close(self) -> None:
+        """End the pooled sessions (scans afterwards open new ones)."""
+        with self._sessions_lock:
+            sessions, self._sessions = self._sessions, []
+        for session in sessions:
+            session.end()
+
+    def __del__(self) -> None:
+        # A client dropped without close(): let go of its connections (clamd sees them close).
+        for session in getattr(self, "_sessions", ()):
+            session.sock.close()
+
     # ---------------------------------------------------------------- protocol
 
     def _exchange(self, command: bytes, stream: bytes | None = None) -> bytes:
-        """Send one z-command (and INSTREAM data), return the reply including its terminator."""
+        """Send one z-command (and INSTREAM data) on a connection of its own; return the reply
+        including its terminator."""
         deadline = time.monotonic() + self._timeout
-        sock = self._connect(deadline)
-        with sock:
-            try:
-                self._set_timeout(sock, deadline)
-                sock.sendall(b"z" + command + b"\0")
-                if stream is not None:
-                    self._send_stream(sock, stream, deadline)
-            except (BrokenPipeError, ConnectionResetError) as exc:
-                # clamd closes the connection early when it refuses the stream (StreamMaxLength);
-                # the reason is in the reply it sent before closing, if it still reached us.
-                try:
-                    return self._receive(sock, deadline)
-                except ScannerUnavailable:
-                    raise ScannerUnavailable(f"clamd at {self.address} closed the connection: {exc}") from None
-            except TimeoutError:
-                raise ScannerUnavailable(f"clamd at {self.address}: no progress within {self._timeout:g}s") from None
-            except OSError as exc:
-                raise ScannerUnavailable(f"clamd at {self.address}: {exc}") from None
-            return self._receive(sock, deadline)
+        with self._connect(deadline) as sock:
+            return self._talk(sock, command, stream, deadline)
 
-    def _send_stream(self, sock: socket.socket, data: bytes, deadline: float) -> None:
-        view = memoryview(data)
-        for offset in range(0, len(view), CHUNK_SIZE):
-            chunk = view[offset : offset + CHUNK_SIZE]
+    def _in_session(self, command: bytes, stream: bytes) -> bytes:
+        """`_exchange` in a pooled session; the reply without its session id."""
+        deadline = time.monotonic() + self._timeout
+        session = self._take_session()
+        if session is not None:
+            try:
+                return self._session_command(session, command, stream, deadline)
+            except ScannerUnavailable:
+                pass  # ended by clamd while it waited in the pool: once more, on a new session
+        sock = self._connect(deadline)
+        try:
             self._set_timeout(sock, deadline)
-            # Length prefix and chunk in one call, without copying the chunk into a new bytes.
-            _send_all(sock, [struct.pack("!L", len(chunk)), chunk])
-        self._set_timeout(sock, deadline)
-        sock.sendall(struct.pack("!L", 0))
+            sock.sendall(b"zIDSESSION\0")
+        except BaseException as exc:
+            sock.close()
+            if isinstance(exc, OSError):
+                raise ScannerUnavailable(f"clamd at {self.address}: {exc}") from None
+            raise
+        return self._session_command(_Session(sock), command, stream, deadline)
+
+    def _session_command(self, session: _Session, command: bytes, stream: bytes, deadline: float) -> bytes:
+        """One command in `session`; the session goes back to the pool only after a clean reply."""
+        try:
+            reply = session_reply(self._talk(session.sock, command, stream, deadline), session.next_id)
+        except BaseException:
+            session.sock.close()
+            raise
+        if parse_reply(reply).status is ScanStatus.ERROR:
+            session.sock.close()  # clamd may end the session after an error: do not find out later
+        else:
+            session.next_id += 1
+            session.idle_since = time.monotonic()
+            with self._sessions_lock:
+                self._sessions.append(session)
+        return reply
+
+    def _take_session(self) -> _Session | None:
+        """The most recently used idle session that clamd has not timed out yet, if any."""
+        with self._sessions_lock:
+            now = time.monotonic()
+            stale = [s for s in self._sessions if now - s.idle_since >= SESSION_IDLE]
+            self._sessions = [s for s in self._sessions if now - s.idle_since < SESSION_IDLE]
+            found = self._sessions.pop() if self._sessions else None
+        for session in stale:
+            session.end()
+        return found
+
+    def _talk(self, sock: socket.socket, command: bytes, stream: bytes | None, deadline: float) -> bytes:
+        """Send one z-command (and INSTREAM data) on `sock`; the reply including its terminator."""
+        try:
+            self._send(sock, command, stream, deadline)
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            # clamd closes the connection early when it refuses the stream (StreamMaxLength);
+            # the reason is in the reply it sent before closing, if it still reached us.
+            try:
+                return self._receive(sock, deadline)
+            except ScannerUnavailable:
+                raise ScannerUnavailable(f"clamd at {self.address} closed the connection: {exc}") from None
+        except TimeoutError:
+            raise ScannerUnavailable(f"clamd at {self.address}: no progress within {self._timeout:g}s") from None
+        except OSError as exc:
+            raise ScannerUnavailable(f"clamd at {self.address}: {exc}") from None
+        return self._receive(sock, deadline)
+
+    def _send(self, sock: socket.socket, command: bytes, stream: bytes | None, deadline: float) -> None:
+        """The command, then the stream as length-prefixed chunks and the zero-length end, in as
+        few writes as the kernel allows and without copying the data. Few writes also matter
+        for speed: small writes on a connection that lives on would wait for delayed ACKs."""
+        pieces: list[bytes | memoryview] = [b"z" + command + b"\0"]
+        if stream is not None:
+            view = memoryview(stream)
+            for offset in range(0, len(view), CHUNK_SIZE):
+                chunk = view[offset : offset + CHUNK_SIZE]
+                pieces += [struct.pack("!L", len(chunk)), chunk]
+            pieces.append(struct.pack("!L", 0))
+        for start in range(0, len(pieces), MAX_PIECES):
+            self._set_timeout(sock, deadline)
+            _send_all(sock, pieces[start : start + MAX_PIECES])
 
     def _receive(self, sock: socket.socket, deadline: float) -> bytes:
         reply = bytearray()
@@ -231,6 +321,9 @@ class ClamdClient:
             sock = socket.socket(self._family, socket.SOCK_STREAM)
             try:
                 self._set_timeout(sock, deadline)
+                if self._family != socket.AF_UNIX:
+                    # Replies and commands are small writes: send them at once, not after an ACK.
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 sock.connect(self._target)
             except BaseException:
                 sock.close()
@@ -251,6 +344,27 @@ class ClamdClient:
         except OSError as exc:
             raise ScannerUnavailable(f"cannot connect to clamd at {self.address}: {exc}") from None
         raise AssertionError("unreachable: tenacity either returns or reraises")  # pragma: no cover
+
+
+class _Session:
+    """One connection in an IDSESSION, and the id of its next reply."""
+
+    __slots__ = ("idle_since", "next_id", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.next_id = 1
+        self.idle_since = time.monotonic()
+
+    def end(self) -> None:
+        """END the session and close the connection, whatever state either is in."""
+        try:
+            self.sock.settimeout(1.0)
+            self.sock.sendall(b"zEND\0")
+        except OSError:
+            pass
+        finally:
+            self.sock.close()
 
 
 def _send_all(sock: socket.socket, pieces: list[bytes | memoryview]) -> None:

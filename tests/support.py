@@ -132,7 +132,9 @@ class TcpProxy:
         self._lock = threading.Lock()
         self._flowing = threading.Event()
         self._flowing.set()
-        self.accepted = 0  # conversations started since creation: one clamd call each
+        self.accepted = 0  # connections made since creation
+        self.calls = 0  # clamd scans: INSTREAM commands the callers sent
+        self._held = 0  # bytes in flight that a pause holds, one count per connection direction
 
     @property
     def address(self) -> str:
@@ -148,6 +150,11 @@ class TcpProxy:
         """Conversations open right now."""
         with self._lock:
             return len(self._open) // 2
+
+    def held(self) -> int:
+        """Conversations a pause holds mid-call: bytes sent by one side, not passed to the other."""
+        with self._lock:
+            return self._held
 
     def start(self) -> TcpProxy:
         server = socket.create_server(("127.0.0.1", self.listen_port))
@@ -187,13 +194,25 @@ class TcpProxy:
             with self._lock:
                 self._open |= {client, upstream}
                 self.accepted += 1
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+            for a, b, upward in ((client, upstream, True), (upstream, client, False)):
+                threading.Thread(target=self._pipe, args=(a, b, upward), daemon=True).start()
 
-    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket, upward: bool) -> None:
+        marker = b"zINSTREAM\0"
+        tail = b""  # the end of the last read, for a marker split between two reads
         try:
             while data := src.recv(65536):
-                self._flowing.wait()
+                if upward:
+                    seen = (tail + data).count(marker)
+                    tail = (tail + data)[-(len(marker) - 1) :]
+                    with self._lock:
+                        self.calls += seen
+                if not self._flowing.is_set():
+                    with self._lock:
+                        self._held += 1
+                    self._flowing.wait()
+                    with self._lock:
+                        self._held -= 1
                 dst.sendall(data)
         except OSError:
             pass

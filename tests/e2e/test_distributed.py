@@ -660,7 +660,7 @@ def test_distributed_run_survives_faults(cluster_factory: Callable[..., Cluster]
             assert wait_until(lambda: sender.count() >= MESSAGES * 0.15, timeout=120)
             assert sender.count() < MESSAGES  # still sending: the fault hits a busy gateway
             proxy.pause()
-            assert wait_until(lambda: proxy.connections() >= SCANNERS * SCANNER_THREADS, timeout=30)
+            assert wait_until(lambda: proxy.held() >= SCANNERS * SCANNER_THREADS, timeout=30)
             killed = time.monotonic()
             cluster.replicas["scanner-1"].process.kill()
             proxy.resume()
@@ -694,7 +694,7 @@ def test_distributed_run_survives_faults(cluster_factory: Callable[..., Cluster]
             downstream.gate.clear()
             assert wait_until(lambda: downstream.waiting >= 1, timeout=30)
             proxy.pause()
-            assert wait_until(lambda: proxy.connections() >= SCANNERS * SCANNER_THREADS, timeout=30)
+            assert wait_until(lambda: proxy.held() >= SCANNERS * SCANNER_THREADS, timeout=30)
             stopping = {name: cluster.replicas[name].process for name in ("scanner-2", "delivery")}
             for process in stopping.values():
                 assert process.proc is not None
@@ -809,7 +809,7 @@ def test_rabbitmq_restart_during_a_run(cluster_factory: Callable[..., Cluster], 
             downstream.gate.clear()
             assert wait_until(lambda: downstream.waiting >= 1, timeout=30)
             proxy.pause()
-            assert wait_until(lambda: proxy.connections() >= SCANNERS * SCANNER_THREADS, timeout=30)
+            assert wait_until(lambda: proxy.held() >= SCANNERS * SCANNER_THREADS, timeout=30)
             try:
                 _rabbitmqctl("stop_app")
                 proxy.resume()

@@ -18,13 +18,14 @@ from pathlib import Path
 
 import pytest
 
+import shared.clamd
 from services.scanner.app import build_handler
 from shared.clamd import ClamdClient
 from shared.config import Config
 from shared.envelope import Client, Envelope
 from shared.errors import RetryLater, ScanError, ScanLimitExceeded, ScannerUnavailable
 from shared.transport import Job, Queue
-from tests.integration.peers import OwnClamd, own_clamd
+from tests.integration.peers import OwnClamd, ndb, own_clamd
 from tests.support import EICAR, TESTFILES, TcpProxy, free_port, wait_until
 from tests.unit.scanner.builders import mail, settings, zip_of
 
@@ -217,7 +218,7 @@ def reply(text: bytes) -> Callable[[socket.socket], None]:
 
 def refuse_early(conn: socket.socket) -> None:
     conn.recv(65536)
-    conn.sendall(b"INSTREAM size limit exceeded. ERROR\0")
+    conn.sendall(b"1: INSTREAM size limit exceeded. ERROR\0")
 
 
 @pytest.fixture
@@ -254,11 +255,13 @@ def trickle(stop: threading.Event) -> Callable[[socket.socket], None]:
 
 CASES: list[tuple[str, Callable[[threading.Event], Callable[[socket.socket], None]], type[ScanError], str]] = [
     ("garbage", lambda _: reply(b"HELLO, I AM NOT CLAMD\0"), ScanError, "NOT CLAMD"),
-    ("bare OK", lambda _: reply(b"OK\0"), ScanError, "'OK'"),
-    ("unterminated", lambda _: reply(b"stream: OK"), ScanError, "unterminated"),
+    ("no session id", lambda _: reply(b"stream: OK\0"), ScanError, "out of step"),
+    ("wrong session id", lambda _: reply(b"2: stream: OK\0"), ScanError, "out of step"),
+    ("bare OK", lambda _: reply(b"1: OK\0"), ScanError, "'OK'"),
+    ("unterminated", lambda _: reply(b"1: stream: OK"), ScanError, "unterminated"),
     ("flood", lambda _: reply(b"x" * 200_000), ScanError, "more than"),
-    ("error", lambda _: reply(b"stream: Can't allocate memory ERROR\0"), ScanError, "allocate memory"),
-    ("size limit", lambda _: reply(b"INSTREAM size limit exceeded. ERROR\0"), ScanLimitExceeded, "size limit"),
+    ("error", lambda _: reply(b"1: stream: Can't allocate memory ERROR\0"), ScanError, "allocate memory"),
+    ("size limit", lambda _: reply(b"1: INSTREAM size limit exceeded. ERROR\0"), ScanLimitExceeded, "size limit"),
     ("size limit early", lambda _: refuse_early, ScanLimitExceeded, "size limit"),
     ("closes", lambda _: reply(b""), ScannerUnavailable, "without a reply"),
     ("silent", silent, ScannerUnavailable, "did not answer within"),
@@ -310,11 +313,79 @@ def test_a_clean_message_costs_exactly_one_clamd_call(proxy: TcpProxy) -> None:
     [out] = handler(job(body))
     assert out.queue is Queue.DELIVER
     assert out.body is body
-    assert proxy.accepted == 1
+    assert proxy.calls == 1
 
 
 def test_an_archive_attachment_is_also_scanned_alone(proxy: TcpProxy) -> None:
     handler = build_handler(Config(), ClamdClient(proxy.address, 30))
     [out] = handler(job(mail(attachments=[("docs.zip", zip_of([("a.txt", b"a")]))])))
     assert out.queue is Queue.DELIVER
+    assert proxy.calls == 2
+
+
+# ---------------------------------------------------------------- sessions
+
+
+def test_scans_reuse_one_session(proxy: TcpProxy) -> None:
+    clamd = ClamdClient(proxy.address, 30)
+    found = [clamd.scan(EICAR if i % 2 else b"clean %d" % i).found for i in range(10)]
+    assert found == [i % 2 == 1 for i in range(10)]
+    assert (proxy.accepted, proxy.calls) == (1, 10)
+
+
+def test_threads_share_the_sessions(proxy: TcpProxy) -> None:
+    clamd = ClamdClient(proxy.address, 30)
+    misses: list[int] = []
+
+    def work(n: int) -> None:
+        for i in range(20):
+            if clamd.scan(EICAR if (n + i) % 3 == 0 else b"clean").found != ((n + i) % 3 == 0):
+                misses.append(n)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert misses == []
+    assert proxy.calls == 160
+    assert proxy.accepted <= 8  # one session per thread at most, reused
+
+
+def test_a_session_that_clamd_ended_is_replaced_without_an_error(proxy: TcpProxy) -> None:
+    """clamd ends sessions on IdleTimeout and when it restarts: the scan goes to a new one."""
+    clamd = ClamdClient(proxy.address, 30)
+    assert clamd.scan(b"first").clean
+    proxy.stop()  # cuts the pooled connection
+    proxy.start()
+    assert clamd.scan(EICAR).found
     assert proxy.accepted == 2
+
+
+def test_a_session_idle_too_long_is_ended_not_reused(proxy: TcpProxy, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shared.clamd, "SESSION_IDLE", 0.0)
+    clamd = ClamdClient(proxy.address, 30)
+    for _ in range(3):
+        assert clamd.scan(b"x").clean
+    assert proxy.accepted == 3
+    # The two it did not reuse were ENDed (clamd closed them); the last one waits in the pool.
+    assert wait_until(lambda: proxy.connections() == 1, timeout=5)
+    clamd.close()
+    assert wait_until(lambda: proxy.connections() == 0, timeout=5)
+
+
+def test_a_reload_reaches_sessions_opened_before_it(tmp_path: Path) -> None:
+    """A signature update (the updater RELOADs clamd) applies to scans in open sessions."""
+    sample = b"smtpgw session reload sample " + os.urandom(16).hex().encode()
+    with own_clamd(tmp_path) as own:
+        proxy = TcpProxy(free_port(), int(own.address.rsplit(":", 1)[1])).start()
+        try:
+            clamd = ClamdClient(proxy.address, 30)
+            assert clamd.scan(sample).clean
+            (own.database_dir / "reload-test.ndb").write_bytes(ndb("Smtpgw.Test.Reload", sample))
+            own.client().reload()
+            assert wait_until(lambda: clamd.scan(sample).found, timeout=30)
+            assert clamd.scan(sample).signature == "Smtpgw.Test.Reload.UNOFFICIAL"
+            assert proxy.accepted == 1
+        finally:
+            proxy.stop()
