@@ -160,8 +160,9 @@ class ReceiverProcesses:
                     self._counters.clear(slot)  # its connections and DATA bytes went with it
                 if now >= due[slot]:
                     del due[slot]
-                    process.close()
+                    # Replace, then close: `pids` (read from other threads) never meets a closed process.
                     self._processes[slot] = self._spawn(slot)
+                    process.close()
 
 
 def _join_all(procs: list[BaseProcess], timeout: float) -> None:
