@@ -54,6 +54,7 @@ from services.delivery.classify import (
     retry_in_next_transaction,
 )
 from services.delivery.routing import Hop
+from shared.crlf import bare_newline
 from shared.errors import DeliveryError, PermanentFailure, TemporaryFailure
 
 log = logging.getLogger(__name__)
@@ -97,8 +98,7 @@ def wire_data(body: bytes) -> list[bytes] | None:
     ".\r\n" on a line of its own, so a body not ending in CRLF gets one first. The result is
     byte for byte what aiosmtplib sends for the same body; no piece copies the body unless a
     line needs stuffing."""
-    crlf = body.count(b"\r\n")
-    if body.count(b"\n") != crlf or body.count(b"\r") != crlf:
+    if bare_newline(body):
         return None
     # Every line but the first starts right after a CRLF, the only line end left.
     stuffed = body.replace(b"\r\n.", b"\r\n..")

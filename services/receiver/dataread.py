@@ -33,11 +33,11 @@ from dataclasses import dataclass
 
 from services.receiver.limits import MemoryBudget
 from services.receiver.policy import DataProblem
+from shared.crlf import CRLF, bare_newline
 
 TERMINATOR = b"\r\n.\r\n"
 # A line that starts with a dot, as seen on the wire: the dot is transparency (RFC 5321 §4.5.2).
 _STUFFED = b"\r\n."
-CRLF = b"\r\n"
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,21 +173,10 @@ async def read_data(
     return DataResult(b"", len(content), problem, 0)
 
 
-# The two checks below run over every accepted message, about 1,100 lines for 82 KiB. Splitting
-# the message into lines costs an object per line; these use whole-buffer C passes instead
-# (bytes.replace and rfind of one byte are memchr loops): about half the time, no per-line objects.
-
-
-def bare_newline(content: bytes) -> bool:
-    """True when `content` holds a CR or LF that is not part of a CRLF (RFC 5321 §2.3.8).
-
-    Occurrences of CRLF never overlap and each holds one CR and one LF, so
-    every CR and every LF belongs to one exactly when there are as many of
-    each as there are CRLFs.
-    """
-    pairs = content.count(CRLF)
-    size = len(content)
-    return size - len(content.replace(b"\r", b"")) != pairs or size - len(content.replace(b"\n", b"")) != pairs
+# Both checks (`bare_newline` lives in shared/crlf.py: delivery checks the same) run over every
+# accepted message, about 1,100 lines for 82 KiB. Splitting the message into lines costs an object
+# per line; they use whole-buffer C passes instead (bytes.replace and rfind of one byte are memchr
+# loops): about half the time, no per-line objects.
 
 
 def line_too_long(content: bytes, limit: int) -> bool:

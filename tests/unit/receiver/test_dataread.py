@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from services.receiver.dataread import DataResult, bare_newline, line_too_long, read_data
+from services.receiver.dataread import DataResult, line_too_long, read_data
+from shared.crlf import bare_newline
 from services.receiver.limits import MemoryBudget
 from services.receiver.policy import DataProblem
 
