@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import pytest
 
 from services.receiver.dataread import DataResult, line_too_long, read_data
-from shared.crlf import bare_newline
 from services.receiver.limits import MemoryBudget
 from services.receiver.policy import DataProblem
+from shared.crlf import bare_newline
 
 EIGHT_BIT = "Subject: Grüße\r\n\r\nü ".encode() + b"\xff\xfe\xe9\r\n"
 PIPELINED = b"MAIL FROM:<next@sender.example>\r\nRCPT TO:<victim@example.test>\r\nDATA\r\n"
