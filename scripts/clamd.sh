@@ -67,7 +67,7 @@ TMP="$VAR/clamd/tmp"
 if [ -d /dev/shm ] && [ -w /dev/shm ]; then
     TMP="/dev/shm/smtpgw-clamd-$(printf '%s' "$VAR" | sha256sum | cut -c1-12)"
 fi
-mkdir -p "$TMP" "$VERSIONS"
+mkdir -p "$VAR/clamd" "$TMP" "$VERSIONS"
 chmod 700 "$TMP"
 if [ -d "$DB" ] && [ ! -L "$DB" ]; then
     name="$(new_version seed)"
