@@ -23,7 +23,7 @@ A connection and a session start cost both sides a connect, an accept and a
 thread hand-off per scan otherwise. Idle sessions wait in a pool that worker
 threads share, one command at a time each, so a reply always belongs to the
 one command in flight; its id is checked all the same. clamd ends a session
-on IdleTimeout, on a refused stream and when it restarts: a session idle for
+when no command comes for ReadTimeout, on a refused stream and when it restarts: a session idle for
 longer than SESSION_IDLE is not reused, one that answers anything but OK or
 FOUND is closed, and a scan whose reused session turns out dead is sent once
 more on a new one (scanning has no side effects, so repeating it is safe).
@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import enum
 import re
+import select
 import socket
 import struct
 import threading
@@ -55,7 +56,7 @@ MAX_PIECES = 512
 MAX_REPLY = 64 * 1024
 CONNECT_ATTEMPTS = 3
 # A pooled session idle for longer is closed instead of reused: clamd ends idle sessions after
-# IdleTimeout (30 s by default; 60 s in etc/clamav/clamd.conf.in).
+# ReadTimeout, the wait for a next command in a session (120 s by default; 60 s in etc/clamav/clamd.conf.in).
 SESSION_IDLE = 20.0
 
 
@@ -215,8 +216,11 @@ class ClamdClient:
         if session is not None:
             try:
                 return self._session_command(session, command, stream, deadline)
-            except ScannerUnavailable:
-                pass  # ended by clamd while it waited in the pool: once more, on a new session
+            except ScanError:
+                # Ended by clamd while it waited in the pool (closed, or "COMMAND READ TIMED OUT"
+                # where the reply should be): once more, on a new session. A clamd that is
+                # really broken answers the new one the same way.
+                pass
         sock = self._connect(deadline)
         try:
             self._set_timeout(sock, deadline)
@@ -245,15 +249,19 @@ class ClamdClient:
         return reply
 
     def _take_session(self) -> _Session | None:
-        """The most recently used idle session that clamd has not timed out yet, if any."""
+        """The most recently used idle session that clamd has not ended, if any."""
         with self._sessions_lock:
             now = time.monotonic()
             stale = [s for s in self._sessions if now - s.idle_since >= SESSION_IDLE]
             self._sessions = [s for s in self._sessions if now - s.idle_since < SESSION_IDLE]
-            found = self._sessions.pop() if self._sessions else None
         for session in stale:
             session.end()
-        return found
+        while True:
+            with self._sessions_lock:
+                found = self._sessions.pop() if self._sessions else None
+            if found is None or found.quiet():
+                return found
+            found.sock.close()
 
     def _talk(self, sock: socket.socket, command: bytes, stream: bytes | None, deadline: float) -> bytes:
         """Send one z-command (and INSTREAM data) on `sock`; the reply including its terminator."""
@@ -355,6 +363,14 @@ class _Session:
         self.sock = sock
         self.next_id = 1
         self.idle_since = time.monotonic()
+
+    def quiet(self) -> bool:
+        """True while clamd has sent nothing since the last reply. Nothing is due from it
+        between commands: whatever is there ("COMMAND READ TIMED OUT" before it hangs up
+        after ReadTimeout, or the end of the connection) means the session is over."""
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
+        return not poller.poll(0)
 
     def end(self) -> None:
         """END the session and close the connection, whatever state either is in."""

@@ -353,7 +353,7 @@ def test_threads_share_the_sessions(proxy: TcpProxy) -> None:
 
 
 def test_a_session_that_clamd_ended_is_replaced_without_an_error(proxy: TcpProxy) -> None:
-    """clamd ends sessions on IdleTimeout and when it restarts: the scan goes to a new one."""
+    """clamd ends sessions after ReadTimeout and when it restarts: the scan goes to a new one."""
     clamd = ClamdClient(proxy.address, 30)
     assert clamd.scan(b"first").clean
     proxy.stop()  # cuts the pooled connection
@@ -389,3 +389,42 @@ def test_a_reload_reaches_sessions_opened_before_it(tmp_path: Path) -> None:
             assert proxy.accepted == 1
         finally:
             proxy.stop()
+
+
+def test_a_session_clamd_timed_out_is_replaced(tmp_path: Path) -> None:
+    """A real clamd ending an idle session (ReadTimeout) before SESSION_IDLE: the next scan
+    finds the pooled session dead and goes to a new one, without an error."""
+    with own_clamd(tmp_path, {"ReadTimeout": "1"}) as own:
+        proxy = TcpProxy(free_port(), int(own.address.rsplit(":", 1)[1])).start()
+        try:
+            clamd = ClamdClient(proxy.address, 30)
+            assert clamd.scan(b"first").clean
+            assert wait_until(lambda: proxy.connections() == 0, timeout=10)  # clamd hung up
+            assert clamd.scan(EICAR).found
+            assert proxy.accepted == 2
+        finally:
+            proxy.stop()
+
+
+def test_a_session_that_dies_mid_command_is_retried_on_a_new_one(
+    dummy: Callable[[Callable[[socket.socket], None]], DummyClamd],
+) -> None:
+    """The session looked alive, but clamd had given up on it (what it sends after ReadTimeout
+    is "COMMAND READ TIMED OUT" and a newline, no reply): the scan goes to a new session."""
+
+    def first_answers_once(conn: socket.socket) -> None:
+        read_stream(conn)
+        conn.sendall(b"1: stream: OK\0")
+        read_stream(conn)
+        conn.sendall(b"COMMAND READ TIMED OUT\n")
+
+    def then_sessions_work(conn: socket.socket) -> None:
+        read_stream(conn)
+        conn.sendall(b"1: stream: Eicar-Test-Signature FOUND\0")
+
+    behaviours = iter([first_answers_once, then_sessions_work])
+    server = dummy(lambda conn: next(behaviours)(conn))
+    clamd = ClamdClient(server.address, 5)
+    assert clamd.scan(b"first").clean
+    assert clamd.scan(EICAR).signature == "Eicar-Test-Signature"
+    assert server.connections == 2
