@@ -726,7 +726,8 @@ def run(options: Options) -> int:
         "phases": f"up to {options.messages} messages or {options.duration:.0f} s each (concurrency 1: a tenth, 15 s)",
         "clamd": "one clamd (project config and signatures, scratch files in /dev/shm, "
         + ("clamd's default cache of clean files" if options.clamd_cache else "DisableCache yes")
-        + ") for the clamd ceiling, ClamSMTP and smtpgw",
+        + ") for the clamd ceiling, ClamSMTP and smtpgw"
+        + ("; a second one with DisableCache yes for the rows 'clamd, no cache'" if options.clamd_cache else ""),
         "sink": "Postfix smtp-sink, each message dumped to a file in /dev/shm and checked afterwards",
     }
     text = report.document(env.rows, context, env.notes)
