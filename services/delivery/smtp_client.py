@@ -291,10 +291,12 @@ class SmtpClient:
                 await self._quit(conn)
 
     async def _quit(self, conn: _Connection) -> None:
-        if conn.smtp.is_connected and not conn.broken:
-            with contextlib.suppress(aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
-                await conn.smtp.quit(timeout=min(self._timeout, 5.0))
-        conn.smtp.close()
+        try:
+            if conn.smtp.is_connected and not conn.broken:
+                with contextlib.suppress(aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
+                    await conn.smtp.quit(timeout=min(self._timeout, 5.0))
+        finally:  # also when cancelled mid-QUIT
+            conn.smtp.close()
 
     # ------------------------------------------------------------ session
 
@@ -336,6 +338,9 @@ class SmtpClient:
         except (aiosmtplib.SMTPException, OSError) as exc:
             smtp.close()
             raise TemporaryFailure(f"{NO_ANSWER} connect to {where}: {_reason(exc)}") from None
+        except BaseException:  # cancelled (job timeout, shutdown) while connecting: no transport left open
+            smtp.close()
+            raise
         peer = smtp.get_transport_info("peername")
         if peer:
             hop = Hop(hop.host, str(peer[0]), hop.port)
