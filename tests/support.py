@@ -134,7 +134,7 @@ class TcpProxy:
         self._flowing.set()
         self.accepted = 0  # connections made since creation
         self.calls = 0  # clamd scans: INSTREAM commands the callers sent
-        self._held = 0  # bytes in flight that a pause holds, one count per connection direction
+        self._held = 0  # directions of conversations whose bytes a pause holds back right now
 
     @property
     def address(self) -> str:
