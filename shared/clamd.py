@@ -151,7 +151,7 @@ class ClamdClient:
         """Scan `data` with INSTREAM. Returns an OK or FOUND result; raises ScanError otherwise."""
         started = time.monotonic()
         try:
-            result = parse_reply(self._in_session(b"INSTREAM", data))
+            result = self._in_session(b"INSTREAM", data)
         except ScannerUnavailable:
             CLAMD_ERRORS.labels("unavailable").inc()
             raise
@@ -209,8 +209,8 @@ class ClamdClient:
         with self._connect(deadline) as sock:
             return self._talk(sock, command, stream, deadline)
 
-    def _in_session(self, command: bytes, stream: bytes) -> bytes:
-        """`_exchange` in a pooled session; the reply without its session id."""
+    def _in_session(self, command: bytes, stream: bytes) -> ScanResult:
+        """`_exchange` in a pooled session; the reply, parsed."""
         deadline = time.monotonic() + self._timeout
         session = self._take_session()
         if session is not None:
@@ -232,14 +232,14 @@ class ClamdClient:
             raise
         return self._session_command(_Session(sock), command, stream, deadline)
 
-    def _session_command(self, session: _Session, command: bytes, stream: bytes, deadline: float) -> bytes:
+    def _session_command(self, session: _Session, command: bytes, stream: bytes, deadline: float) -> ScanResult:
         """One command in `session`; the session goes back to the pool only after a clean reply."""
         try:
-            reply = session_reply(self._talk(session.sock, command, stream, deadline), session.next_id)
+            reply = parse_reply(session_reply(self._talk(session.sock, command, stream, deadline), session.next_id))
         except BaseException:
             session.sock.close()
             raise
-        if parse_reply(reply).status is ScanStatus.ERROR:
+        if reply.status is ScanStatus.ERROR:
             session.sock.close()  # clamd may end the session after an error: do not find out later
         else:
             session.next_id += 1

@@ -74,8 +74,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
-            **_context.get(),
-            **getattr(record, "fields", _NO_FIELDS),
+            **_fields(record),
         }
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)

@@ -203,10 +203,10 @@ class TcpProxy:
         try:
             while data := src.recv(65536):
                 if upward:
-                    seen = (tail + data).count(marker)
-                    tail = (tail + data)[-(len(marker) - 1) :]
+                    joined = tail + data
+                    tail = joined[-(len(marker) - 1) :]
                     with self._lock:
-                        self.calls += seen
+                        self.calls += joined.count(marker)
                 if not self._flowing.is_set():
                     with self._lock:
                         self._held += 1
