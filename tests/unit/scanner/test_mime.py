@@ -4,12 +4,15 @@ import base64
 import binascii
 import os
 import quopri
+import random
 from email.message import EmailMessage
-from email.policy import SMTP
+from email.parser import BytesParser
+from email.policy import SMTP, compat32
 
 import pytest
 
-from services.scanner.mime import find_uuencoded, inspect, navigate
+from services.scanner.mime import decoded_payload, find_uuencoded, inspect, navigate
+from services.scanner.mimeparse import parse
 from tests.unit.scanner.builders import mail, raw_mail, text_part
 
 
@@ -182,3 +185,38 @@ def test_defects_are_counted() -> None:
 @pytest.mark.parametrize(("linesep", "raw"), [("\r\n", mail()), ("\n", mail(linesep="\n"))])
 def test_line_ending_is_detected(linesep: str, raw: bytes) -> None:
     assert inspect(raw, 100, 10).linesep == linesep
+
+
+def _base64_bodies() -> list[bytes]:
+    """Well-formed base64 bodies and every kind of damage the stdlib is lenient about."""
+    rng = random.Random(7)
+    bodies = [b"", b"\r\n", b"YWJj", b"YWI=\r\n", b"YW==\r\n", b"YWJj\nYWJj\n", b"YWJj\rYWJj\r", b"YWJj \r\n"]
+    bodies += [b"YWI=YWJj\r\n", b"=YWJj\r\n", b"YWJ\r\n", b"Y\r\n", b"YW=j\r\n", b"YWJjZA===\r\n", b"YWJj\xe9\r\n"]
+    for _ in range(400):
+        data = rng.randbytes(rng.randrange(0, 600))
+        encoded = base64.b64encode(data)
+        width = rng.choice([4, 60, 76, 77, 1000])
+        body = b"\r\n".join(encoded[i : i + width] for i in range(0, len(encoded), width)) + b"\r\n"
+        if rng.random() < 0.6 and body:
+            at = rng.randrange(len(body))
+            damage = rng.choice([b"", b"=", b"==", b"\n", b"\r", b" ", b"*", b"-", b"\x00", b"\xff", b"A"])
+            body = body[:at] + damage + body[at + rng.choice([0, 1]) :]
+        bodies.append(body)
+    return bodies
+
+
+def test_decoded_payload_is_what_the_stdlib_decodes() -> None:
+    for body in _base64_bodies():
+        raw = b"Content-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\n" + body
+        ours, theirs = parse(raw), BytesParser(policy=compat32).parsebytes(raw)
+        assert decoded_payload(ours) == theirs.get_payload(decode=True), body
+        assert [type(d) for d in ours.defects] == [type(d) for d in theirs.defects], body
+
+
+def test_decoded_payload_of_other_encodings_and_containers() -> None:
+    raw = mail("body\n", [("a.pdf", b"%PDF-1.4 a")])
+    message = parse(raw)
+    assert decoded_payload(message) == b""  # a multipart has no payload of its own
+    leaves = [navigate(message, (i,)) for i in range(2)]
+    assert [decoded_payload(leaf) for leaf in leaves] == [leaf.get_payload(decode=True) for leaf in leaves]
+    assert decoded_payload(leaves[1]) == b"%PDF-1.4 a"
