@@ -26,6 +26,9 @@ Speed without giving up any of that (a message costs a few fsyncs, not a dozen):
 - A message handed on to a consumer in this process travels in memory too
   (within `HANDOFF_BYTES`), so the next step does not read back and decode the
   file it was just written from; the file stays the durable copy.
+- Files are reused: a finished job's file goes to `<root>/free/`, and the next
+  message is written into one from there (`shared/filepool.py` says why, and
+  why a crash cannot turn that into a wrong message).
 
 Several processes may share one spool (the CLI releases from quarantine,
 `run receiver` and `run scanner` may run apart): each queue is consumed by
@@ -51,6 +54,7 @@ from dataclasses import dataclass, field
 
 from shared.envelope import Envelope, decode, encode
 from shared.errors import EnvelopeDecodeError, RetryLater, SpoolError
+from shared.filepool import FilePool
 from shared.metrics import JOBS
 from shared.transport import DEAD_RETRY, MAX_CRASHES, Handler, Job, Output, Queue, Transport, stand_in
 
@@ -192,6 +196,7 @@ class SpoolTransport(Transport):
                 os.makedirs(self._dir(q), exist_ok=True)
                 self._dir_fds[str(q)] = os.open(self._dir(q), os.O_RDONLY | os.O_DIRECTORY)
                 self._syncs[str(q)] = _GroupSync(self._dir_fds[str(q)])
+            self._pool = FilePool(self._dir("free"), self._sync_dirs)
         except OSError as exc:
             raise SpoolError(f"cannot create spool directories under {self.root}: {exc.strerror}") from None
 
@@ -204,13 +209,18 @@ class SpoolTransport(Transport):
         if self._fsync:
             self._syncs[str(queue)].sync()
 
+    def _sync_dirs(self, names: set[str]) -> None:
+        for name in names & self._syncs.keys():
+            self._sync_dir(name)
+
     def _write(self, queue: Queue, name: str, envelope: Envelope, body: bytes) -> None:
         """tmp -> fsync -> rename into the queue. The caller fsyncs the queue directory."""
         # The writer's pid in the name lets recovery in another process tell a crash's leftover
         # from a file being written right now.
         tmp = os.path.join(self._dir("tmp"), f"{name}.{os.getpid()}.{threading.get_ident()}")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            reused = self._pool.claim(tmp)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | (0 if reused else os.O_TRUNC), 0o600)
             try:
                 pieces = pack(envelope, body)
                 total = sum(map(len, pieces))
@@ -219,6 +229,8 @@ class SpoolTransport(Transport):
                     rest = b"".join(pieces)[written:]
                     while rest:
                         rest = rest[os.write(fd, rest) :]
+                if reused:  # overwritten from the start; drop what is left of the old content
+                    os.ftruncate(fd, total)
                 if self._fsync:
                     os.fsync(fd)
             finally:
@@ -540,7 +552,7 @@ class SpoolTransport(Transport):
         if not moved:
             # Not fsynced: if a crash brings the file back, recovery drops it for its newer
             # generation, or the step runs again (delivery skips recipients it already did).
-            self._unlink(queue, name, sync=False)
+            self._pool.release(os.path.join(self._dir(queue), name), len(body))
         for q, n, env, data in announced:
             self._announce(q, n, env, data)
 
