@@ -89,6 +89,11 @@ def outputs_for(job: Job, outcome: Outcome) -> list[Output]:
     if outcome.action is Action.QUARANTINE:
         return [Output(Queue.QUARANTINE, env.replace(verdicts=verdicts), job.body)]
     if outcome.body is job.body:
+        if outcome.action is Action.DELIVER and all(v.category == "clean" for v in outcome.verdicts):
+            # Clean and unchanged: the job goes on exactly as it came, so the spool moves its
+            # file to the deliver queue instead of writing and fsyncing a copy (the verdict is
+            # in the "scanned" log line). Only the scanner moves files from scan to deliver.
+            return [Output(Queue.DELIVER, env, job.body)]
         return [Output(Queue.DELIVER, env.replace(verdicts=verdicts), job.body)]
     delivered = env.replace(verdicts=verdicts, size=len(outcome.body), sha256=hashlib.sha256(outcome.body).hexdigest())
     if outcome.action is Action.DELIVER:  # findings the policy delivers anyway: only a header was added

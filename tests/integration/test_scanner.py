@@ -143,7 +143,7 @@ def test_clean_mail_is_delivered_untouched(clamd_address: str) -> None:
     [out] = scan(clamd_address, body)
     assert out.queue is Queue.DELIVER
     assert out.body is body
-    assert [v.category for v in out.envelope.verdicts] == ["clean"]
+    assert out.envelope.verdicts == ()  # it goes on as it came (the spool moves its file)
 
 
 def test_infected_and_clean_attachments_together(clamd_address: str) -> None:

@@ -39,13 +39,22 @@ def outcome(action: Action, body: bytes, *verdicts: Verdict) -> Outcome:
 FINDING = Verdict("attachments", "attachment", Action.STRIP, "blocked", "2:a.exe")
 
 
-def test_deliver_keeps_the_body_object() -> None:
+def test_clean_mail_goes_on_unchanged() -> None:
+    """The same envelope and body objects: the spool moves the file instead of rewriting it."""
     j = job(b"Subject: x\r\n\r\nhi\r\n")
     [out] = outputs_for(j, outcome(Action.DELIVER, j.body))
     assert out.queue is Queue.DELIVER
     assert out.body is j.body
+    assert out.envelope is j.envelope
+
+
+def test_findings_delivered_with_the_body_unchanged_are_recorded() -> None:
+    j = job(b"Subject: x\r\n\r\nhi\r\n")
+    finding = Verdict("spam", "spam", Action.DELIVER, "score 6")
+    [out] = outputs_for(j, outcome(Action.DELIVER, j.body, finding))
+    assert out.body is j.body
     assert out.envelope.queue_id == j.envelope.queue_id
-    assert out.envelope.verdicts == (PREVIOUS, Verdict("scanner", "clean", Action.DELIVER, "ok"))
+    assert out.envelope.verdicts == (PREVIOUS, finding)
     assert out.envelope.sha256 == j.envelope.sha256
 
 
