@@ -182,6 +182,7 @@ class SpoolTransport(Transport):
         self._timers: list[tuple[float, str, Queue, str]] = []  # (due, kind, queue, name)
         self._cond = threading.Condition()
         self._inflight = 0
+        self._idle_waiters = 0  # callers in wait_idle, woken when a job ends
         self._crashes: dict[str, int] = {}
         self._stopping = threading.Event()
         # Directory fds are opened once: fsync of a directory is what makes a rename durable.
@@ -461,7 +462,8 @@ class SpoolTransport(Transport):
             finally:
                 with self._cond:
                     self._inflight -= 1
-                    self._cond.notify_all()
+                    if self._idle_waiters:  # else the only waiter is the timer thread: let it sleep
+                        self._cond.notify_all()
 
     def _process(self, consumer: _Consumer, name: str) -> None:
         q = consumer.queue
@@ -600,16 +602,20 @@ class SpoolTransport(Transport):
     def wait_idle(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         with self._cond:
-            while True:
-                now = self._clock()
-                busy = self._inflight or any(not c.ready.empty() for c in self._consumers.values())
-                busy = busy or any(kind == "retry" or due <= now for due, kind, _, _ in self._timers)
-                if not busy:
-                    return True
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cond.wait(min(left, 0.05))
+            self._idle_waiters += 1
+            try:
+                while True:
+                    now = self._clock()
+                    busy = self._inflight or any(not c.ready.empty() for c in self._consumers.values())
+                    busy = busy or any(kind == "retry" or due <= now for due, kind, _, _ in self._timers)
+                    if not busy:
+                        return True
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return False
+                    self._cond.wait(min(left, 0.05))
+            finally:
+                self._idle_waiters -= 1
 
     def stop(self, timeout: float = 30.0) -> None:
         self._stopping.set()
