@@ -563,11 +563,10 @@ class SpoolTransport(Transport):
         self._sync_dir(dst)
         self._sync_dir(src)
 
-    def _unlink(self, queue: Queue, name: str, *, sync: bool = True) -> None:
+    def _unlink(self, queue: Queue, name: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(self._dir(queue), name))
-        if sync:
-            self._sync_dir(queue)
+        self._sync_dir(queue)
 
     # ------------------------------------------------------------ state
 
