@@ -101,6 +101,22 @@ def machine_cpu() -> tuple[float, float]:
     return (total - idle) / CLK_TCK, total / CLK_TCK
 
 
+def broker_pids() -> list[int]:
+    """The RabbitMQ node's Erlang VM on this machine (beam.smp running the rabbit app), if any."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                argv = fh.read().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"beam.smp") and b"rabbit" in argv:
+            pids.append(int(entry))
+    return pids
+
+
 def loadavg() -> str:
     with open("/proc/loadavg") as fh:
         return " ".join(fh.read().split()[:3])
@@ -163,6 +179,14 @@ class Sampler:
         wanted = set(roles) if roles is not None else None
         with self._lock:
             return {p: c for p, c in self.last_cpu.items() if wanted is None or self.pids.get(p) in wanted}
+
+    def cpu_by_role(self, roles: Iterable[str]) -> dict[str, float]:
+        """Cumulative CPU seconds now, summed per role, of the watched processes of `roles`."""
+        out: dict[str, float] = {}
+        for pid, used in self.cpu(roles).items():
+            role = self.pids.get(pid, "?")
+            out[role] = out.get(role, 0.0) + used
+        return out
 
     def peaks(self) -> dict[str, int]:
         """Peak RSS per role ("scanner#2" for the second process of a role)."""

@@ -105,8 +105,44 @@ def table(rows: Sequence[Row]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def document(rows: Sequence[Row], context: Mapping[str, str], notes: Sequence[str] = ()) -> str:
-    """The whole report: context (machine, load, corpus), the table, notes."""
+# The budget's parts besides "other" (kernel work for no process of these, anything else running).
+BUDGET_PARTS = ("gateway", "clamd", "broker", "sink", "load generator")
+
+
+def budget_table(rows: Sequence[Row], cores: int) -> str:
+    """Where the machine's CPU went in each phase, in CPU ms per message that reached the sink,
+    and the rate the machine's cores would allow at that cost if every one of them were busy: a
+    target above that bound cannot be met by tuning the schedule, only by spending less CPU."""
+    columns = ("system", "conc.", "msgs/conn", "msg/s", "machine busy", *BUDGET_PARTS, "other", "all",
+               f"msg/s at {cores} cores busy")  # fmt: skip
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    for row in rows:
+        budget = row.get("cpu_budget")
+        if not budget:
+            continue
+        total = budget.get("machine", math.nan)
+        known = sum(v for k, v in budget.items() if k in BUDGET_PARTS and not math.isnan(v))
+        parts = [_num(budget[k], 2) if k in budget else "–" for k in BUDGET_PARTS]
+        cells = [
+            row["system"],
+            str(row["concurrency"]),
+            str(row["per_connection"]),
+            _num(row["rate"]),
+            f"{100 * row.get('machine_busy', math.nan):.0f}%",
+            *parts,
+            _num(max(0.0, total - known), 2),
+            _num(total, 2),
+            _num(cores * 1000 / total) if total > 0 else "–",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n" if len(lines) > 2 else ""
+
+
+def document(
+    rows: Sequence[Row], context: Mapping[str, str], notes: Sequence[str] = (), cores: int | None = None
+) -> str:
+    """The whole report: context (machine, load, corpus), the table, the CPU budget (when the rows
+    carry one and `cores` is given), notes."""
     head = ["# smtpgw benchmark", ""]
     head += [f"- {key}: {value}" for key, value in context.items()]
     head += [
@@ -119,5 +155,13 @@ def document(rows: Sequence[Row], context: Mapping[str, str], notes: Sequence[st
         "same run at the same concurrency (and messages per connection).",
         "",
     ]
+    budget = budget_table(rows, cores) if cores else ""
+    if budget:
+        budget = (
+            "\nWhere the machine's CPU went, in CPU ms per message that reached the sink: the gateway's "
+            "processes, clamd, the RabbitMQ node, the sink, the load generator, and other (the rest of the "
+            "machine's busy time: kernel work on behalf of none of these, anything else running). The last "
+            "column is the rate all cores would allow at that cost.\n\n" + budget
+        )
     tail = ["", *notes] if notes else []
-    return "\n".join(head) + table(rows) + "\n".join(tail) + ("\n" if tail else "")
+    return "\n".join(head) + table(rows) + budget + "\n".join(tail) + ("\n" if tail else "")

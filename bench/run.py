@@ -23,6 +23,7 @@ import math
 import os
 import pickle
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -32,13 +33,15 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from bench import corpus, report
-from bench.peers import Proc, Sampler, free_port, loadavg, machine_cpu, need, stop_all, wait_port
+from bench.peers import Proc, Sampler, broker_pids, free_port, loadavg, machine_cpu, need, stop_all, wait_port
 from bench.stats import Latency, cpu_delta, per_thousand, rate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
 _ID = re.compile(rb"^X-Bench-Id: (\S+)\.(\d+)\.(\d+)\r?$", re.MULTILINE)
 FINDING = b"X-SMTPGW-Finding:"
+# The peers whose CPU a phase's budget shows beside the gateway's (Sampler roles).
+PEER_ROLES = ("clamd", "broker", "sink")
 
 
 @dataclass
@@ -329,16 +332,18 @@ def measure(
     say(f"{system}: concurrency {concurrency}, {per_connection}/connection, up to {total} messages or {duration:.0f}s")
     env.sampler.reset_peaks()
     cpu_before = env.sampler.cpu(roles)
-    clamd_before = env.sampler.cpu(["clamd"])
+    peers_before = env.sampler.cpu_by_role(PEER_ROLES)
     busy_before, all_before = machine_cpu()
+    children_before = _children_cpu()
     load = run_load(env, port, concurrency, per_connection, total, duration, tag)
+    loadgen_cpu = _children_cpu() - children_before
     accepted = [s for s in load["sent"] if s[4] == 250]
     expected = len(accepted)
     if system == "ClamSMTP":  # it drops infected mail (Action: drop) and says 250
         expected -= sum(1 for s in accepted if env.samples[s[1]].kind == "eicar")
     seen = wait_arrivals(env, tag, expected)
     cpu_after = env.sampler.cpu(roles)
-    clamd_after = env.sampler.cpu(["clamd"])
+    peers_after = env.sampler.cpu_by_role(PEER_ROLES)
     busy_after, all_after = machine_cpu()
     peaks = {k: v for k, v in env.sampler.peaks().items() if k.split("#")[0] in roles}
     times, _, problems = check_arrivals(env, tag, seen, system)
@@ -379,7 +384,12 @@ def measure(
         "cpu_gateway": gateway_cpu,
         "cpu_per_1000": per_thousand(gateway_cpu, len(times)) if roles else math.nan,
         "cpu_per_1000_by_role": {r: per_thousand(c, len(times)) for r, c in sorted(by_role.items())},
-        "cpu_clamd_per_1000": per_thousand(cpu_delta(clamd_before, clamd_after), len(times)),
+        "cpu_budget": {
+            "gateway": per_thousand(gateway_cpu, len(times)) if roles else math.nan,
+            **{r: per_thousand(peers_after[r] - peers_before.get(r, 0.0), len(times)) for r in peers_after},
+            "load generator": per_thousand(loadgen_cpu, len(times)),
+            "machine": per_thousand(busy_after - busy_before, len(times)),
+        },
         "machine_busy": (busy_after - busy_before) / max(1e-9, all_after - all_before),
         "peak_rss": peaks,
         "checks": "; ".join(problems[:3]) + (f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""),
@@ -392,6 +402,12 @@ def measure(
     )
     env.rows.append(row)
     return row
+
+
+def _children_cpu() -> float:
+    """CPU seconds of this process's finished children (the load generator runs as one)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def clamd_load(env: Env, concurrency: int, count: int, duration: float, tag: str, port: int = 0) -> dict[str, Any]:
@@ -536,26 +552,38 @@ def run_rabbitmq(env: Env) -> None:
         env.notes.append("RabbitMQ mode not measured: no broker answers at " + env.options.rabbitmq_url)
         say(env.notes[-1])
         return
-    for scanners in env.options.scanners:
-        port = free_port()
-        name = f"rabbitmq-{scanners}"
-        config = gateway_config(env.options, port, env, broker=env.options.rabbitmq_url, name=name)
-        roles = ["receiver", *["scanner"] * scanners, "delivery", "quarantine"]
-        procs = start_gateway(env, config, roles, name)
+    broker = broker_pids()  # its CPU belongs in each phase's budget: it runs on the same cores
+    for pid in broker:
+        env.sampler.watch(pid, "broker")
+    try:
+        for scanners in env.options.scanners:
+            _run_rabbitmq(env, scanners)
+    finally:
+        for pid in broker:
+            env.sampler.forget(pid)
+
+
+def _run_rabbitmq(env: Env, scanners: int) -> None:
+    """One RabbitMQ-mode gateway (receiver, `scanners` scanner processes, delivery, quarantine)."""
+    port = free_port()
+    name = f"rabbitmq-{scanners}"
+    config = gateway_config(env.options, port, env, broker=env.options.rabbitmq_url, name=name)
+    roles = ["receiver", *["scanner"] * scanners, "delivery", "quarantine"]
+    procs = start_gateway(env, config, roles, name)
+    try:
+        wait_port(port, 30, procs[0])
+        _warm(env, port, roles)
+        for c, k in [(c, k) for c, k in matrix(env.options) if c > 1]:
+            measure(env, f"smtpgw RabbitMQ, {scanners} scanner{'s' if scanners > 1 else ''}", port, c, k,
+                    roles=sorted(set(roles)))  # fmt: skip
+    finally:
+        for proc in procs:
+            proc.stop()
+            env.sampler.forget(proc.pid)
         try:
-            wait_port(port, 30, procs[0])
-            _warm(env, port, roles)
-            for c, k in [(c, k) for c, k in matrix(env.options) if c > 1]:
-                measure(env, f"smtpgw RabbitMQ, {scanners} scanner{'s' if scanners > 1 else ''}", port, c, k,
-                        roles=sorted(set(roles)))  # fmt: skip
-        finally:
-            for proc in procs:
-                proc.stop()
-                env.sampler.forget(proc.pid)
-            try:
-                delete_broker_namespace(config)
-            except Exception as exc:  # the broker's leftovers are not worth failing the run for
-                say(f"could not delete the bench's RabbitMQ queues: {exc}")
+            delete_broker_namespace(config)
+        except Exception as exc:  # the broker's leftovers are not worth failing the run for
+            say(f"could not delete the bench's RabbitMQ queues: {exc}")
 
 
 def profile(env: Env, proc: Proc, port: int, concurrency: int, per_connection: int) -> None:
@@ -730,7 +758,7 @@ def run(options: Options) -> int:
         + ("; a second one with DisableCache yes for the rows 'clamd, no cache'" if options.clamd_cache else ""),
         "sink": "Postfix smtp-sink, each message dumped to a file in /dev/shm and checked afterwards",
     }
-    text = report.document(env.rows, context, env.notes)
+    text = report.document(env.rows, context, env.notes, cores=os.cpu_count() or 1)
     path = os.path.join(options.out, f"report-{stamp}.md")
     with open(path, "w") as fh:
         fh.write(text)
