@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import random
 import select
 import socket
 import subprocess
@@ -132,6 +133,25 @@ def test_publisher_and_consumer_reconnect_after_the_broker_closed_them(broker: F
     (_, job) = sink.wait_for(2)
     assert job.body == b"after"
     assert transport.accepting() is None
+
+
+def test_messages_larger_than_a_frame_and_a_socket_read_arrive_intact(broker: Factory) -> None:
+    from pika.adapters.utils.io_services_utils import _AsyncTransportBase
+
+    from shared.broker.publisher import RECV_BYTES
+
+    # The larger reads are in force (pika still has the attribute they are set through).
+    assert _AsyncTransportBase._MAX_RECV_BYTES == RECV_BYTES
+    transport = broker()
+    sink = Sink()
+    transport.consume(Queue.SCAN, sink, 2)
+    transport.start()
+    # Around frame_max (128 KiB) and RECV_BYTES, and far above both: several frames, several reads.
+    bodies = [random.randbytes(n) for n in (1, 131_000, 131_072 * 2 + 17, RECV_BYTES + 1, 3 * 2**20 + 5)]
+    for body in bodies:
+        transport.publish(Queue.SCAN, make_envelope(body), body)
+    jobs = sink.wait_for(len(bodies))
+    assert sorted(job.body for job in jobs) == sorted(bodies)
 
 
 class FreezableProxy:
