@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -23,10 +24,41 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+_given: set[int] = set()  # ports handed out by free_port in this process
+
+
+def _ephemeral_low() -> int:
+    """Where the kernel's range of ports for outgoing connections starts (Linux: 32768)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as fh:
+            return int(fh.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on, for a server a test or the benchmark starts (often in another
+    process).
+
+    Taken below the ephemeral range: a port the kernel picks for `bind(0)` is one it may also
+    give to the next outgoing connection, and one did take it between this call and the
+    server's bind (a scanner's connection to RabbitMQ took its sibling's metrics port in CI).
+    Ports below that range are only ever taken by an explicit bind. Never the same one twice."""
+    low = min(_ephemeral_low(), 65536)
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(10000, low) if low > 11000 else 0
+        if port in _given:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            port = int(s.getsockname()[1])
+        _given.add(port)
+        return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 def wait_port(port: int, timeout: float, proc: Proc | None = None) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import socket
 import struct
 import threading
@@ -17,6 +16,8 @@ from typing import NoReturn
 import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from bench.peers import free_port
 
 IN_CI = os.environ.get("CI", "") not in ("", "0", "false")
 
@@ -32,42 +33,6 @@ def missing(what: str) -> NoReturn:
 
 EICAR = rb"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
 TESTFILES = "/usr/share/clamav-testfiles"
-
-
-_given: set[int] = set()  # ports handed out by free_port in this test run
-
-
-def _ephemeral_low() -> int:
-    """Where the kernel's range of ports for outgoing connections starts (Linux: 32768)."""
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as fh:
-            return int(fh.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on, for a server a test starts (often in another process).
-
-    Taken below the ephemeral range: a port the kernel picks for `bind(0)` is one it may also
-    give to the next outgoing connection, and one did take it between this call and the
-    server's bind (a scanner's connection to RabbitMQ took its sibling's metrics port in CI).
-    Ports below that range are only ever taken by an explicit bind. Never the same one twice."""
-    low = min(_ephemeral_low(), 65536)
-    rng = random.Random()
-    for _ in range(200):
-        port = rng.randrange(10000, low) if low > 11000 else 0
-        if port in _given:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind((host, port))
-            except OSError:
-                continue
-            port = int(s.getsockname()[1])
-        _given.add(port)
-        return port
-    raise RuntimeError("no free port below the ephemeral range")
 
 
 def wait_until(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.02) -> bool:
