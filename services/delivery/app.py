@@ -38,6 +38,7 @@ from shared.envelope import Envelope
 from shared.errors import RetryLater, SpoolError
 from shared.logging import bound, event
 from shared.metrics import BOUNCES, DELIVERY_ATTEMPTS, DELIVERY_SECONDS
+from shared.offload import Offload
 from shared.transport import Job, Output, Queue
 
 log = logging.getLogger(__name__)
@@ -61,13 +62,17 @@ LEDGER_RETRY = 30.0
 # Another worker of this process is delivering a copy of the same message (a scanner that died
 # after its output was confirmed but before its ack leaves two): wait for it, then ask the ledger.
 BUSY_RETRY = 2.0
+LEDGER_THREADS = 4
 
 
 class _LoopThread:
-    """One asyncio event loop running in its own daemon thread."""
+    """One asyncio event loop running in its own daemon thread, with threads for its blocking
+    calls (`offload`)."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, offload_threads: int) -> None:
         self.loop = asyncio.new_event_loop()
+        self.offload = Offload(offload_threads, f"{name}-offload")
+        self.offload.start(self.loop)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -97,6 +102,7 @@ class _LoopThread:
         if self._thread.is_alive():
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join()
+        self.offload.stop()  # calls already handed over still run to their end
 
 
 class Delivery:
@@ -130,7 +136,9 @@ class Delivery:
         self._purge_lock = threading.Lock()
         self._next_purge = 0.0
         self._closed = False
-        self._loop = _LoopThread("delivery-loop")
+        # Ledger records run on these while the loop goes on; the ledger group-commits the
+        # records that arrive together, so a few threads are enough.
+        self._loop = _LoopThread("delivery-loop", offload_threads=LEDGER_THREADS)
 
     # ------------------------------------------------------------ deliver
 
@@ -219,7 +227,8 @@ class Delivery:
         async def delivered(accepted: Sequence[str]) -> None:
             # Durable right after the 250, before anything else can go wrong.
             try:
-                await asyncio.to_thread(self._ledger.record, env.queue_id, list(accepted))
+                rcpts = list(accepted)
+                await self._loop.offload.run(lambda: self._ledger.record(env.queue_id, rcpts))
             except (SpoolError, ValueError, OSError):
                 log.exception("queue_id=%s cannot record delivered recipients; a retry may duplicate", env.queue_id)
 

@@ -15,12 +15,12 @@ import socket
 
 from services.receiver.handler import ReceiverHandler
 from services.receiver.limits import ConnectionGate, MemoryBudget, SharedCounters
-from services.receiver.offload import Offload
 from services.receiver.processes import ReceiverProcesses
 from services.receiver.smtp import ReceiverSMTP
 from shared import metrics
 from shared.config import Config, HostPort
 from shared.logging import event
+from shared.offload import Offload
 from shared.transport import Transport
 
 log = logging.getLogger(__name__)

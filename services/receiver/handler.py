@@ -24,13 +24,13 @@ from datetime import UTC, datetime, timedelta
 from aiosmtpd.smtp import Session
 
 from services.receiver import policy
-from services.receiver.offload import Offload
 from services.receiver.smtp import ReceiverSMTP, Transaction
 from services.receiver.trace import protocol, received_header
 from shared import metrics
 from shared.config import Config
 from shared.envelope import Client, Direction, Envelope, new_queue_id
 from shared.logging import bound, event
+from shared.offload import Offload
 from shared.transport import Queue, Transport
 
 log = logging.getLogger(__name__)

@@ -10,9 +10,9 @@ from aiosmtpd.smtp import SMTP
 
 from services.receiver.handler import ReceiverHandler
 from services.receiver.limits import ConnectionGate, MemoryBudget
-from services.receiver.offload import Offload
 from services.receiver.smtp import ReceiverSMTP, plain_address, with_enhanced_status
 from shared.config import Config
+from shared.offload import Offload
 from tests.integration.test_receiver_support import FailingTransport
 
 

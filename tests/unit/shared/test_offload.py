@@ -1,4 +1,4 @@
-"""services.receiver.offload: blocking calls on worker threads, results back on the event loop."""
+"""shared.offload: blocking calls on worker threads, results back on the event loop."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from services.receiver.offload import Offload
+from shared.offload import Offload
 
 _field: contextvars.ContextVar[str] = contextvars.ContextVar("field", default="")
 
