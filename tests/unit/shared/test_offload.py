@@ -95,3 +95,32 @@ def test_stop_finishes_queued_calls() -> None:
 
     asyncio.run(main())
     assert ran == list(range(20))
+
+
+def test_calls_queued_when_the_loop_is_gone_still_run() -> None:
+    """Delivery stops its loop before its offload: ledger records handed over must still be
+    written, more of them than there are threads, though no result can come back."""
+    ran: list[int] = []
+    gate = threading.Event()
+
+    def record(i: int) -> None:
+        gate.wait(10)
+        ran.append(i)
+
+    loop = asyncio.new_event_loop()
+    offload = Offload(1, "test")  # one thread: the first result finds the loop closed
+    offload.start(loop)
+
+    async def hand_over() -> list[asyncio.Future[None]]:
+        tasks = [asyncio.ensure_future(offload.run(functools.partial(record, i))) for i in range(10)]
+        await asyncio.sleep(0)
+        return tasks
+
+    tasks = loop.run_until_complete(hand_over())
+    for task in tasks:  # as _LoopThread does when it stops: its tasks are cancelled, then it closes
+        task.cancel()
+    loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+    loop.close()
+    gate.set()
+    offload.stop()
+    assert sorted(ran) == list(range(10))
