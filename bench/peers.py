@@ -212,12 +212,13 @@ class Sampler:
         with self._lock:
             return {p: c for p, c in self.last_cpu.items() if wanted is None or self.pids.get(p) in wanted}
 
-    def cpu_by_role(self, roles: Iterable[str]) -> dict[str, float]:
-        """Cumulative CPU seconds now, summed per role, of the watched processes of `roles`."""
+    def by_role(self, before: dict[int, float], after: dict[int, float]) -> dict[str, float]:
+        """CPU seconds each role used between two `cpu()` readings, process by process (one
+        that started in between counts whole)."""
         out: dict[str, float] = {}
-        for pid, used in self.cpu(roles).items():
+        for pid, used in after.items():
             role = self.pids.get(pid, "?")
-            out[role] = out.get(role, 0.0) + used
+            out[role] = out.get(role, 0.0) + used - before.get(pid, 0.0)
         return out
 
     def peaks(self) -> dict[str, int]:

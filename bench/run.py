@@ -332,7 +332,7 @@ def measure(
     say(f"{system}: concurrency {concurrency}, {per_connection}/connection, up to {total} messages or {duration:.0f}s")
     env.sampler.reset_peaks()
     cpu_before = env.sampler.cpu(roles)
-    peers_before = env.sampler.cpu_by_role(PEER_ROLES)
+    peers_before = env.sampler.cpu(PEER_ROLES)
     busy_before, all_before = machine_cpu()
     children_before = _children_cpu()
     load = run_load(env, port, concurrency, per_connection, total, duration, tag)
@@ -343,7 +343,7 @@ def measure(
         expected -= sum(1 for s in accepted if env.samples[s[1]].kind == "eicar")
     seen = wait_arrivals(env, tag, expected)
     cpu_after = env.sampler.cpu(roles)
-    peers_after = env.sampler.cpu_by_role(PEER_ROLES)
+    peers_after = env.sampler.cpu(PEER_ROLES)
     busy_after, all_after = machine_cpu()
     peaks = {k: v for k, v in env.sampler.peaks().items() if k.split("#")[0] in roles}
     times, _, problems = check_arrivals(env, tag, seen, system)
@@ -362,10 +362,8 @@ def measure(
         problems.append(f"{load['error_count']} session errors (first: {load['errors'][0]})")
     last = max(times.values()) if times else load["finished"]
     gateway_cpu = cpu_delta(cpu_before, cpu_after)
-    by_role: dict[str, float] = {}
-    for pid, used in cpu_after.items():
-        role = env.sampler.pids.get(pid, "?")
-        by_role[role] = by_role.get(role, 0.0) + used - cpu_before.get(pid, 0.0)
+    by_role = env.sampler.by_role(cpu_before, cpu_after)
+    peers = env.sampler.by_role(peers_before, peers_after)
     row: dict[str, Any] = {
         "system": system,
         "concurrency": concurrency,
@@ -386,7 +384,7 @@ def measure(
         "cpu_per_1000_by_role": {r: per_thousand(c, len(times)) for r, c in sorted(by_role.items())},
         "cpu_budget": {
             "gateway": per_thousand(gateway_cpu, len(times)) if roles else math.nan,
-            **{r: per_thousand(peers_after[r] - peers_before.get(r, 0.0), len(times)) for r in peers_after},
+            **{r: per_thousand(c, len(times)) for r, c in peers.items()},
             "load generator": per_thousand(loadgen_cpu, len(times)),
             "machine": per_thousand(busy_after - busy_before, len(times)),
         },
