@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import email.feedparser
 import random
+import re
 from email.message import Message
 from email.parser import BytesParser
 from email.policy import compat32
@@ -64,9 +66,16 @@ CASES = {
 }
 
 
+def _stdlib_parse(raw: bytes) -> Message:
+    """The stdlib's parse with its own boundary regexes (mimeparse replaced them for the process)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(email.feedparser, "re", re)
+        return BytesParser(policy=compat32).parsebytes(raw)
+
+
 @pytest.mark.parametrize("raw", CASES.values(), ids=CASES.keys())
 def test_same_tree_as_the_stdlib(raw: bytes) -> None:
-    expected = BytesParser(policy=compat32).parsebytes(raw)
+    expected = _stdlib_parse(raw)
     got = mimeparse.parse(raw)
     assert _shape(got) == _shape(expected)
     assert serialize(got, "\r\n") == serialize(expected, "\r\n")
@@ -84,3 +93,47 @@ def test_a_placeholder_outside_a_leaf_falls_back_to_the_whole_parse(name: str) -
     skeleton, elided = mimeparse._skeleton(raw)
     assert elided
     assert not mimeparse._restore(BytesParser(policy=compat32).parsebytes(skeleton), elided)
+
+
+SEPARATORS = ["--b", "--==_Part_1.2+3(x)?=", "--a b", "--\\d*[x]$^|", "--ünï", "--" + "q" * 70]
+LINE_TAILS = ["", "\r\n", "\n", "\r", "--", "--\r\n", "--\n", "  \t\r\n", "-- \n", "x\r\n", "-", "\r\nmore", "\n\n"]
+
+
+@pytest.mark.parametrize("separator", SEPARATORS)
+def test_boundary_matcher_matches_what_the_feedparser_regex_matches(separator: str) -> None:
+    pattern = "(?P<sep>" + re.escape(separator) + r")(?P<end>--)?(?P<ws>[ \t]*)(?P<linesep>\r\n|\r|\n)?$"
+    real = re.compile(pattern)
+    fast = mimeparse._feedparser_compile(pattern)
+    assert isinstance(fast, mimeparse._BoundaryRegex)
+    lines = [separator + tail for tail in LINE_TAILS]
+    lines += [separator[:-1], " " + separator, separator.upper() + "\r\n", "", "text\r\n"]
+    for line in lines:
+        want, got = real.match(line), fast.match(line)
+        assert (want is None) == (got is None), line
+        if want is not None and got is not None:
+            assert [want.group(g) for g in ("end", "ws", "linesep")] == [got.group(g) for g in ("end", "ws", "linesep")]
+            assert want.end() == got.end()
+
+
+def test_other_patterns_are_compiled_as_usual() -> None:
+    for pattern in ["(?P<sep>a)b", "x(?P<end>--)?(?P<ws>[ \t]*)(?P<linesep>\r\n|\r|\n)?$"]:
+        assert isinstance(mimeparse._feedparser_compile(pattern), re.Pattern)
+
+
+def test_the_feedparser_uses_the_boundary_matcher(monkeypatch: pytest.MonkeyPatch) -> None:
+    made: list[str] = []
+
+    class Counting(mimeparse._BoundaryRegex):
+        def __init__(self, separator: str) -> None:
+            made.append(separator)
+            super().__init__(separator)
+
+    monkeypatch.setattr(mimeparse, "_BoundaryRegex", Counting)
+    raw = (
+        MIXED
+        + b'--b\r\nContent-Type: multipart/alternative; boundary="c"\r\n\r\n--c\r\n\r\n'
+        + BIG
+        + b"--c--\r\n--b--\r\n"
+    )
+    assert _shape(mimeparse.parse(raw)) == _shape(_stdlib_parse(raw))
+    assert made == ["--b", "--c"]
