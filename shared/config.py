@@ -294,6 +294,8 @@ class ReceiverConfig:
     )
     workers: int = setting(4, _int(1))
     processes: int = setting(1, _int(1))
+    in_flow_delay: float = setting("1s", parse_duration)
+    in_flow_backlog: int = setting(200, _int(0))
 
 
 @dataclass(frozen=True, slots=True)

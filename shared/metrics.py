@@ -32,6 +32,11 @@ DATA_INFLIGHT = Gauge(
 ACCEPT_SECONDS = Histogram(
     "smtpgw_receiver_accept_duration_seconds", "End of DATA to the 250 (durable store)", buckets=_BUCKETS
 )
+IN_FLOW_SECONDS = Histogram(
+    "smtpgw_receiver_in_flow_delay_seconds",
+    "Time a MAIL FROM waited for the scan backlog to shrink ([receiver] in_flow_delay)",
+    buckets=_BUCKETS,
+)
 
 # scanner
 SCAN_SECONDS = Histogram("smtpgw_scan_duration_seconds", "Time to scan one message", buckets=_BUCKETS)

@@ -9,17 +9,27 @@ or waits for a broker confirm, it must not block the event loop) and answers
 Whatever goes wrong there is logged and answered 451, so the client keeps the
 message and retries.
 
+Flow control (Postfix's in_flow_delay): while more than `in_flow_backlog`
+messages wait to be scanned, MAIL FROM waits up to `in_flow_delay` for the
+backlog to fall below it, then goes on either way. Under a sustained overload
+the senders then slow to the pace of the scanners instead of the spool or
+broker queue growing until `max_scan_queue` refuses mail, and the time from a
+250 to delivery stays short. A 250 is never held: the wait comes before the
+transaction starts.
+
 Logging: one canonical line per accepted or refused message and per refused
 recipient, never a body.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Generic, TypeVar
 
 from aiosmtpd.smtp import Session
 
@@ -38,6 +48,11 @@ log = logging.getLogger(__name__)
 # Back-pressure is a state of the queues, not of one message: asking the transport
 # once per interval keeps a thread hop off every MAIL FROM.
 ACCEPTING_TTL = 0.5
+# How often a MAIL FROM held by flow control looks at the scan backlog again (one look is
+# shared by every session waiting).
+FLOW_POLL = 0.1
+
+T = TypeVar("T")
 
 # Metric children bound once: `.labels()` looks them up under a lock on every call.
 _ACCEPTED = metrics.MESSAGES_RECEIVED.labels(result="accepted", reason=policy.accepted_reply("").reason)
@@ -53,6 +68,33 @@ def authenticated_user(session: Session) -> str:
     return ""
 
 
+class _Sampled(Generic[T]):
+    """The answer of a blocking transport call, asked on the offload at most every `ttl`
+    seconds; callers meanwhile (or while it is being asked) get the previous answer."""
+
+    def __init__(
+        self, offload: Offload, call: Callable[[], T], ttl: float, *, initial: T, failed: T, failure: str
+    ) -> None:
+        self._offload = offload
+        self._call = call
+        self._ttl = ttl
+        self._value = initial
+        self._failed = failed  # the answer when the call raises
+        self._failure = failure  # what is logged then
+        self._asked = float("-inf")  # monotonic time it was last asked
+
+    async def get(self) -> T:
+        now = time.monotonic()
+        if now - self._asked >= self._ttl:
+            self._asked = now
+            try:
+                self._value = await self._offload.run(self._call)
+            except Exception:
+                log.exception(self._failure)
+                self._value = self._failed
+        return self._value
+
+
 class ReceiverHandler:
     """The hooks aiosmtpd calls, one instance shared by all sessions of a Receiver."""
 
@@ -63,8 +105,22 @@ class ReceiverHandler:
         self._offload = offload
         self._lifetime = timedelta(seconds=config.delivery.max_queue_lifetime)
         self._outage = False  # publish is failing: log the outage once, not once per message
-        self._busy: str | None = None  # the last answer of transport.accepting()
-        self._busy_checked = float("-inf")  # monotonic time it was last asked
+        self._accepting = _Sampled[str | None](
+            offload,
+            transport.accepting,
+            ACCEPTING_TTL,
+            initial=None,
+            failed="queues unavailable",
+            failure="transport.accepting() failed; deferring new mail",
+        )
+        self._backlog = _Sampled(
+            offload,
+            transport.scan_backlog,
+            FLOW_POLL,
+            initial=0,
+            failed=0,
+            failure="transport.scan_backlog() failed; not holding senders back",
+        )
 
     def client(self, server: ReceiverSMTP, session: Session) -> Client:
         user = authenticated_user(session)
@@ -91,11 +147,12 @@ class ReceiverHandler:
     async def handle_MAIL(
         self, server: ReceiverSMTP, session: Session, envelope: Transaction, address: str, mail_options: list[str]
     ) -> str:
-        busy = await self._accepting()
+        busy = await self._accepting.get()
         if busy:
             decision = policy.back_pressure(busy)
             event(log, "sender deferred", reason=decision.reason, detail=busy, dsn=decision.status)
             return decision.reply()
+        await self._in_flow_delay()
         decision = policy.check_sender(address)
         if not decision.accepted:
             event(log, "sender refused", sender=address, reason=decision.reason, dsn=decision.status)
@@ -213,21 +270,18 @@ class ReceiverHandler:
 
     # ------------------------------------------------------------ helpers
 
-    async def _accepting(self) -> str | None:
-        """`transport.accepting()`, asked at most every ACCEPTING_TTL seconds.
-
-        It may ask the broker and wait for it, so it runs on a worker thread;
-        sessions arriving meanwhile use the previous answer.
-        """
-        now = time.monotonic()
-        if now - self._busy_checked >= ACCEPTING_TTL:
-            self._busy_checked = now
-            try:
-                self._busy = await self._offload.run(self._transport.accepting)
-            except Exception:
-                log.exception("transport.accepting() failed; deferring new mail")
-                self._busy = "queues unavailable"
-        return self._busy
+    async def _in_flow_delay(self) -> None:
+        """Wait while the scan backlog is over `in_flow_backlog`, `in_flow_delay` at most."""
+        delay, limit = self._settings.in_flow_delay, self._settings.in_flow_backlog
+        if delay <= 0 or await self._backlog.get() <= limit:
+            return
+        started = time.monotonic()
+        deadline = started + delay
+        while (left := deadline - time.monotonic()) > 0:
+            await asyncio.sleep(min(FLOW_POLL, left))
+            if await self._backlog.get() <= limit:
+                break
+        metrics.IN_FLOW_SECONDS.observe(time.monotonic() - started)
 
     def _refused(
         self, decision: policy.Decision, sender: str, rcpts: Sequence[str], size: int, error: str = ""

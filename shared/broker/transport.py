@@ -248,6 +248,32 @@ class BrokerTransport(Transport):
         if self._publisher.closed:
             return "the broker transport is stopped"
         now = time.monotonic()
+        error = self._probe_scan_queue(now)
+        if error is not None:
+            return error
+        trouble = self._health.reason()
+        if trouble is not None:
+            return trouble
+        with self._lock:
+            if self._probe is not None and now > self._probe.deadline:
+                return "broker not answering"
+            if self._probe_error is not None:
+                return self._probe_error
+            if self._scan_depth > self._config.max_scan_queue:
+                return f"scan queue holds {self._scan_depth} messages (limit {self._config.max_scan_queue})"
+        return None
+
+    def scan_backlog(self) -> int:
+        """The scan queue's depth as last probed (at most PROBE_INTERVAL old while asked for)."""
+        if not self._publisher.closed:
+            self._probe_scan_queue(time.monotonic())
+        with self._lock:
+            return self._scan_depth
+
+    def _probe_scan_queue(self, now: float) -> str | None:
+        """Ask the broker for the scan queue's depth when the last answer is older than
+        PROBE_INTERVAL, without waiting for it (`_probed` takes the answer), except the very
+        first time. Returns why the question could not be sent."""
         with self._lock:
             submit = self._probe is None and now - self._probed_at >= PROBE_INTERVAL
             first = self._probed_at == -math.inf
@@ -264,16 +290,6 @@ class BrokerTransport(Transport):
                     self._probe = probe
             if first:
                 probe.done.wait(min(1.0, self._timeout))
-        trouble = self._health.reason()
-        if trouble is not None:
-            return trouble
-        with self._lock:
-            if self._probe is not None and now > self._probe.deadline:
-                return "broker not answering"
-            if self._probe_error is not None:
-                return self._probe_error
-            if self._scan_depth > self._config.max_scan_queue:
-                return f"scan queue holds {self._scan_depth} messages (limit {self._config.max_scan_queue})"
         return None
 
     def _probed(self, request: Request) -> None:

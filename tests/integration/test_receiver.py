@@ -10,16 +10,20 @@ from __future__ import annotations
 import hashlib
 import smtplib
 import socket
+import threading
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from prometheus_client import REGISTRY
 
 from services.receiver.app import Receiver
 from shared.envelope import Direction
 from shared.errors import SpoolError
 from shared.spool import SpoolTransport
+from shared.transport import Queue
 from tests.integration.test_receiver_support import (
     ENHANCED,
     FailingTransport,
@@ -28,6 +32,7 @@ from tests.integration.test_receiver_support import (
     running,
     stored,
 )
+from tests.integration.test_transport_contract import make_envelope
 
 pytestmark = pytest.mark.integration
 
@@ -285,3 +290,57 @@ def test_stop_closes_sessions_and_the_port(spool: SpoolTransport) -> None:
         assert raw.closed()
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+# ---------------------------------------------------------------- flow control (in_flow_delay)
+
+
+def _backlog(spool: SpoolTransport, n: int) -> None:
+    for _ in range(n):
+        spool.publish(Queue.SCAN, make_envelope(), b"Subject: waiting\r\n\r\nx\r\n")
+
+
+def _timed_mail(port: int) -> tuple[float, tuple[int, bytes]]:
+    with smtplib.SMTP("127.0.0.1", port) as client:
+        client.ehlo("client.example")
+        started = time.monotonic()
+        reply = client.mail("sender@sender.example")
+        return time.monotonic() - started, reply
+
+
+def _waits() -> float:
+    return REGISTRY.get_sample_value("smtpgw_receiver_in_flow_delay_seconds_count") or 0.0
+
+
+def test_mail_from_waits_up_to_in_flow_delay_while_the_scan_backlog_is_over_the_limit(spool: SpoolTransport) -> None:
+    _backlog(spool, 3)
+    before = _waits()
+    with running(make_config(in_flow_backlog=2, in_flow_delay=0.6), spool) as receiver:
+        waited, reply = _timed_mail(receiver.port)
+    assert reply[0] == 250  # held, then let through: flow control never refuses
+    assert 0.55 <= waited < 3.0
+    assert _waits() == before + 1
+
+
+def test_mail_from_goes_on_as_soon_as_the_backlog_falls(spool: SpoolTransport) -> None:
+    _backlog(spool, 3)
+    scan_dir = Path(spool.root) / str(Queue.SCAN)
+    first = sorted(scan_dir.iterdir())[0]
+    # A scanner taking one message, 0.3 s after the sender started waiting.
+    taker = threading.Timer(0.3, first.unlink)
+    with running(make_config(in_flow_backlog=2, in_flow_delay=30), spool) as receiver:
+        taker.start()
+        waited, reply = _timed_mail(receiver.port)
+    assert reply[0] == 250
+    assert 0.25 <= waited < 5.0
+
+
+@pytest.mark.parametrize("settings", [{"in_flow_backlog": 2, "in_flow_delay": 0}, {"in_flow_backlog": 3}])
+def test_no_wait_when_off_or_within_the_limit(spool: SpoolTransport, settings: dict[str, float]) -> None:
+    _backlog(spool, 3)
+    before = _waits()
+    with running(make_config(**settings), spool) as receiver:
+        waited, reply = _timed_mail(receiver.port)
+    assert reply[0] == 250
+    assert waited < 0.5
+    assert _waits() == before
