@@ -344,3 +344,18 @@ def test_no_wait_when_off_or_within_the_limit(spool: SpoolTransport, settings: d
     assert reply[0] == 250
     assert waited < 0.5
     assert _waits() == before
+
+
+def test_stop_does_not_wait_for_a_held_mail_from(spool: SpoolTransport) -> None:
+    _backlog(spool, 3)
+    with running(make_config(in_flow_backlog=2, in_flow_delay=60), spool) as receiver:
+        raw = RawClient(receiver.port)
+        raw.reply()
+        raw.command(b"EHLO client.example")
+        raw.send(b"MAIL FROM:<sender@sender.example>\r\n")
+        time.sleep(0.5)  # the session is held at MAIL FROM now (the backlog is looked at at once)
+        stopping = time.monotonic()
+    with raw:
+        assert time.monotonic() - stopping < 5
+        assert raw.closed()  # no reply: the session ended while held, nothing was accepted
+    assert len(stored(spool)) == 3
