@@ -34,7 +34,7 @@ ACCEPT_SECONDS = Histogram(
 )
 IN_FLOW_SECONDS = Histogram(
     "smtpgw_receiver_in_flow_delay_seconds",
-    "Time a MAIL FROM waited for the scan backlog to shrink ([receiver] in_flow_delay)",
+    "Time a MAIL FROM waited for the backlog to shrink ([receiver] in_flow_delay)",
     buckets=_BUCKETS,
 )
 

@@ -130,9 +130,10 @@ class Transport(abc.ABC):
         """None when new mail may be accepted, else why not (back-pressure, broker down)."""
         return None
 
-    def scan_backlog(self) -> int:
-        """Messages waiting to be scanned, for the receiver's flow control; may be a moment old."""
-        return self.depth(Queue.SCAN)
+    def backlog(self) -> int:
+        """Messages accepted and waiting for a scanner or a delivery attempt (deferred ones do not
+        count), for the receiver's flow control; may be a moment old."""
+        return self.depth(Queue.SCAN) + self.depth(Queue.DELIVER)
 
     # Events ("rules updated") reach every subscriber of every process sharing the transport.
     # On one machine (the spool) that is this process; the broker overrides both with a fanout exchange.

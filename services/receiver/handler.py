@@ -10,12 +10,13 @@ Whatever goes wrong there is logged and answered 451, so the client keeps the
 message and retries.
 
 Flow control (Postfix's in_flow_delay): while more than `in_flow_backlog`
-messages wait to be scanned, MAIL FROM waits up to `in_flow_delay` for the
-backlog to fall below it, then goes on either way. Under a sustained overload
-the senders then slow to the pace of the scanners instead of the spool or
-broker queue growing until `max_scan_queue` refuses mail, and the time from a
-250 to delivery stays short. A 250 is never held: the wait comes before the
-transaction starts.
+accepted messages wait for a scanner or a delivery attempt, MAIL FROM waits up
+to `in_flow_delay` for the backlog to fall below it, then goes on either way.
+Under a sustained overload the senders then slow to the pace the gateway
+keeps, instead of its queues growing until `max_scan_queue` refuses mail, and
+the time from a 250 to delivery stays short. A 250 is never held: the wait
+comes before the transaction starts. Deferred messages do not count: waiting
+is what they are meant to do.
 
 Logging: one canonical line per accepted or refused message and per refused
 recipient, never a body.
@@ -48,8 +49,8 @@ log = logging.getLogger(__name__)
 # Back-pressure is a state of the queues, not of one message: asking the transport
 # once per interval keeps a thread hop off every MAIL FROM.
 ACCEPTING_TTL = 0.5
-# How often a MAIL FROM held by flow control looks at the scan backlog again (one look is
-# shared by every session waiting).
+# How often a MAIL FROM held by flow control looks at the backlog again (one look is shared
+# by every session waiting).
 FLOW_POLL = 0.1
 
 T = TypeVar("T")
@@ -115,11 +116,11 @@ class ReceiverHandler:
         )
         self._backlog = _Sampled(
             offload,
-            transport.scan_backlog,
+            transport.backlog,
             FLOW_POLL,
             initial=0,
             failed=0,
-            failure="transport.scan_backlog() failed; not holding senders back",
+            failure="transport.backlog() failed; not holding senders back",
         )
 
     def client(self, server: ReceiverSMTP, session: Session) -> Client:
@@ -271,7 +272,7 @@ class ReceiverHandler:
     # ------------------------------------------------------------ helpers
 
     async def _in_flow_delay(self) -> None:
-        """Wait while the scan backlog is over `in_flow_backlog`, `in_flow_delay` at most."""
+        """Wait while the backlog is over `in_flow_backlog`, `in_flow_delay` at most."""
         delay, limit = self._settings.in_flow_delay, self._settings.in_flow_backlog
         if delay <= 0 or await self._backlog.get() <= limit:
             return

@@ -171,6 +171,7 @@ class BrokerTransport(Transport):
         self._probed_at = -math.inf
         self._probe_error: str | None = None
         self._scan_depth = 0
+        self._deliver_depth = 0
         # Consuming.
         self._consumers: dict[Queue, _Consumer] = {}
         self._subscribers: list[EventCallback] = []
@@ -249,7 +250,7 @@ class BrokerTransport(Transport):
         if self._publisher.closed:
             return "the broker transport is stopped"
         now = time.monotonic()
-        error = self._probe_scan_queue(now)
+        error = self._probe_queues(now)
         if error is not None:
             return error
         trouble = self._health.reason()
@@ -264,16 +265,17 @@ class BrokerTransport(Transport):
                 return f"scan queue holds {self._scan_depth} messages (limit {self._config.max_scan_queue})"
         return None
 
-    def scan_backlog(self) -> int:
-        """The scan queue's depth as last probed (at most PROBE_INTERVAL old while asked for)."""
+    def backlog(self) -> int:
+        """The scan and deliver queues' depths as last probed (at most PROBE_INTERVAL old while
+        asked for)."""
         if not self._publisher.closed:
-            self._probe_scan_queue(time.monotonic())
+            self._probe_queues(time.monotonic())
         with self._lock:
-            return self._scan_depth
+            return self._scan_depth + self._deliver_depth
 
-    def _probe_scan_queue(self, now: float) -> str | None:
-        """Ask the broker for the scan queue's depth when the last answer is older than
-        PROBE_INTERVAL, without waiting for it (`_probed` takes the answer), except the very
+    def _probe_queues(self, now: float) -> str | None:
+        """Ask the broker for the scan and deliver queues' depths when the last answer is older
+        than PROBE_INTERVAL, without waiting for it (`_probed` takes the answer), except the very
         first time. Returns why the question could not be sent."""
         with self._lock:
             submit = self._probe is None and now - self._probed_at >= PROBE_INTERVAL
@@ -281,9 +283,11 @@ class BrokerTransport(Transport):
             if submit:
                 self._probed_at = now  # concurrent callers do not send a probe of their own
         if submit:
-            name = self.names.queue(Queue.SCAN)
+            scan, deliver = self.names.queue(Queue.SCAN), self.names.queue(Queue.DELIVER)
             try:
-                probe = self._publisher.submit(lambda link: link.depth(name), self._timeout, self._probed)
+                probe = self._publisher.submit(
+                    lambda link: (link.depth(scan), link.depth(deliver)), self._timeout, self._probed
+                )
             except BrokerError as exc:
                 return str(exc)
             with self._lock:
@@ -298,7 +302,7 @@ class BrokerTransport(Transport):
             self._probe = None
             self._probed_at = time.monotonic()
             if request.error is None:
-                self._scan_depth = int(request.result)
+                self._scan_depth, self._deliver_depth = request.result
                 self._probe_error = None
             else:
                 self._probe_error = str(request.error)

@@ -330,19 +330,19 @@ def test_accepting_reports_a_scan_queue_over_its_bound(broker: Factory) -> None:
     assert wait_until(lambda: transport.accepting() is None, timeout=10)
 
 
-def test_scan_backlog_follows_the_scan_queue(broker: Factory) -> None:
+def test_backlog_counts_the_scan_and_deliver_queues(broker: Factory) -> None:
     transport = broker()
-    assert transport.scan_backlog() == 0
-    for _ in range(3):
-        transport.publish(Queue.SCAN, make_envelope(), b"x")
+    assert transport.backlog() == 0
+    for queue in (Queue.SCAN, Queue.SCAN, Queue.DELIVER):
+        transport.publish(queue, make_envelope(), b"x")
     # Probed at most every PROBE_INTERVAL: the answer catches up within a few.
-    assert wait_until(lambda: transport.scan_backlog() == 3, timeout=10)
+    assert wait_until(lambda: transport.backlog() == 3, timeout=10)
 
     scanner = broker()
     scanner.consume(Queue.SCAN, Sink(), 2)
     scanner.start()
     assert scanner.wait_idle(20)
-    assert wait_until(lambda: transport.scan_backlog() == 0, timeout=10)
+    assert wait_until(lambda: transport.backlog() == 1, timeout=10)
 
 
 def test_events_reach_every_subscribed_process(broker: Factory) -> None:

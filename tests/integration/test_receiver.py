@@ -296,8 +296,10 @@ def test_stop_closes_sessions_and_the_port(spool: SpoolTransport) -> None:
 
 
 def _backlog(spool: SpoolTransport, n: int) -> None:
-    for _ in range(n):
-        spool.publish(Queue.SCAN, make_envelope(), b"Subject: waiting\r\n\r\nx\r\n")
+    """`n` messages waiting: on the scan and the deliver queue (both count), one more deferred."""
+    for i in range(n + 1):
+        queue = Queue.DEFERRED if i == n else Queue.SCAN if i % 2 else Queue.DELIVER
+        spool.publish(queue, make_envelope(), b"Subject: waiting\r\n\r\nx\r\n")
 
 
 def _timed_mail(port: int) -> tuple[float, tuple[int, bytes]]:
@@ -312,7 +314,7 @@ def _waits() -> float:
     return REGISTRY.get_sample_value("smtpgw_receiver_in_flow_delay_seconds_count") or 0.0
 
 
-def test_mail_from_waits_up_to_in_flow_delay_while_the_scan_backlog_is_over_the_limit(spool: SpoolTransport) -> None:
+def test_mail_from_waits_up_to_in_flow_delay_while_the_backlog_is_over_the_limit(spool: SpoolTransport) -> None:
     _backlog(spool, 3)
     before = _waits()
     with running(make_config(in_flow_backlog=2, in_flow_delay=0.6), spool) as receiver:
@@ -324,9 +326,8 @@ def test_mail_from_waits_up_to_in_flow_delay_while_the_scan_backlog_is_over_the_
 
 def test_mail_from_goes_on_as_soon_as_the_backlog_falls(spool: SpoolTransport) -> None:
     _backlog(spool, 3)
-    scan_dir = Path(spool.root) / str(Queue.SCAN)
-    first = sorted(scan_dir.iterdir())[0]
-    # A scanner taking one message, 0.3 s after the sender started waiting.
+    first = sorted((Path(spool.root) / str(Queue.DELIVER)).iterdir())[0]
+    # A delivery finishing one message, 0.3 s after the sender started waiting.
     taker = threading.Timer(0.3, first.unlink)
     with running(make_config(in_flow_backlog=2, in_flow_delay=30), spool) as receiver:
         taker.start()
@@ -358,4 +359,4 @@ def test_stop_does_not_wait_for_a_held_mail_from(spool: SpoolTransport) -> None:
     with raw:
         assert time.monotonic() - stopping < 5
         assert raw.closed()  # no reply: the session ended while held, nothing was accepted
-    assert len(stored(spool)) == 3
+    assert spool.backlog() == 3
