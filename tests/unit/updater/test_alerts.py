@@ -31,6 +31,10 @@ REFUSED = (
     "The last signatures update was refused; the previous version stays in force."
     " `smtpgw update status` gives the reason."
 )
+HOLDING = (
+    "For 15 minutes more messages than [receiver] in_flow_backlog have waited to be scanned or delivered."
+    " Add scanner or delivery capacity, or look at clamd and the next hop."
+)
 # Series one sample per minute for 3 hours. Signatures never succeed; rules succeed every 30 minutes
 # (the timestamp of the last success steps up by 1800 s every 30 samples).
 UNIT_TESTS = f"""
@@ -52,6 +56,8 @@ tests:
         values: '0x180'
       - series: 'smtpgw_scanner_rules_reloads_total{{result="failed",{LABELS}}}'
         values: '0x60 1x119'
+      - series: 'smtpgw_receiver_in_flow_delay_seconds_count{{{LABELS}}}'
+        values: '0x30 0+20x60 1200x89'
     alert_rule_test:
       - eval_time: 30m
         alertname: SmtpgwUpdatesOverdue
@@ -83,13 +89,26 @@ tests:
             exp_annotations:
               summary: "smtpgw scanner on gw:9101 could not load new rules"
               description: "The scanner kept its previous rules; its log says why (\\"rule bundle not loaded\\")."
+      - eval_time: 40m
+        alertname: SmtpgwReceiverHoldingSenders
+        exp_alerts: []
+      - eval_time: 60m
+        alertname: SmtpgwReceiverHoldingSenders
+        exp_alerts:
+          - exp_labels: {{severity: warning, instance: "gw:9101", job: smtpgw}}
+            exp_annotations:
+              summary: "smtpgw on gw:9101 is slowing senders down (flow control)"
+              description: "{HOLDING}"
+      - eval_time: 2h
+        alertname: SmtpgwReceiverHoldingSenders
+        exp_alerts: []
 """
 
 
 def test_the_rules_are_valid(promtool: str) -> None:
     done = subprocess.run([promtool, "check", "rules", str(RULES)], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "SUCCESS: 3 rules found" in done.stdout
+    assert "SUCCESS: 4 rules found" in done.stdout
 
 
 def test_the_alerts_fire_when_they_should(promtool: str, tmp_path: Path) -> None:
