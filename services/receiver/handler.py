@@ -153,11 +153,11 @@ class ReceiverHandler:
             decision = policy.back_pressure(busy)
             event(log, "sender deferred", reason=decision.reason, detail=busy, dsn=decision.status)
             return decision.reply()
-        await self._in_flow_delay()
         decision = policy.check_sender(address)
         if not decision.accepted:
             event(log, "sender refused", sender=address, reason=decision.reason, dsn=decision.status)
             return decision.reply()
+        await self._in_flow_delay()  # only a transaction that is going to start waits
         # aiosmtpd reads an empty mail_from as "no MAIL yet": keep its "<>" for the null sender.
         envelope.mail_from = decision.address or "<>"
         envelope.mail_options.extend(mail_options)

@@ -147,7 +147,7 @@ class _BoundaryRegex:
 
 
 def _feedparser_compile(pattern: str, flags: int = 0) -> re.Pattern[str] | _BoundaryRegex:
-    if flags == 0 and pattern.startswith(_SEP_HEAD) and pattern.endswith(_SEP_TAIL):
+    if isinstance(pattern, str) and not flags and pattern.startswith(_SEP_HEAD) and pattern.endswith(_SEP_TAIL):
         escaped = pattern[len(_SEP_HEAD) : -len(_SEP_TAIL)]
         separator = _ESCAPED.sub(r"\1", escaped)
         if re.escape(separator) == escaped:  # anything else is not the pattern above

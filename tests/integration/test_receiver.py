@@ -302,11 +302,11 @@ def _backlog(spool: SpoolTransport, n: int) -> None:
         spool.publish(queue, make_envelope(), b"Subject: waiting\r\n\r\nx\r\n")
 
 
-def _timed_mail(port: int) -> tuple[float, tuple[int, bytes]]:
+def _timed_mail(port: int, sender: str = "sender@sender.example") -> tuple[float, tuple[int, bytes]]:
     with smtplib.SMTP("127.0.0.1", port) as client:
         client.ehlo("client.example")
         started = time.monotonic()
-        reply = client.mail("sender@sender.example")
+        reply = client.mail(sender)
         return time.monotonic() - started, reply
 
 
@@ -345,6 +345,14 @@ def test_no_wait_when_off_or_within_the_limit(spool: SpoolTransport, settings: d
     assert reply[0] == 250
     assert waited < 0.5
     assert _waits() == before
+
+
+def test_a_refused_sender_is_not_held(spool: SpoolTransport) -> None:
+    _backlog(spool, 3)
+    with running(make_config(in_flow_backlog=2, in_flow_delay=30), spool) as receiver:
+        waited, reply = _timed_mail(receiver.port, sender="no-domain")
+    assert reply == (553, b"5.1.7 Sender address must be fully qualified: local@domain")
+    assert waited < 0.5
 
 
 def test_stop_does_not_wait_for_a_held_mail_from(spool: SpoolTransport) -> None:
