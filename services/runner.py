@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import logging
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from prometheus_client import REGISTRY, CollectorRegistry
@@ -25,6 +26,10 @@ from shared.transport import Queue, Transport, open_transport
 log = logging.getLogger(__name__)
 
 ROLES = ("receiver", "scanner", "delivery", "quarantine", "updater")
+
+# A stop that takes longer than this writes every thread's stack to stderr (once), so that a
+# shutdown that hangs says where, instead of only taking long.
+STOP_TRACE_AFTER = 10.0
 
 
 @dataclass
@@ -77,6 +82,16 @@ def start_consumers(config: Config, roles: set[str], transport: Transport, threa
     return running
 
 
+@contextlib.contextmanager
+def stacks_if_slow(seconds: float) -> Iterator[None]:
+    """Write every thread's stack to stderr (once) if the block takes longer than `seconds`."""
+    faulthandler.dump_traceback_later(seconds)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
+
 def stop_consumers(running: Running, timeout: float = 30.0) -> None:
     running.transport.stop(timeout)
     for close in running.closers:
@@ -117,7 +132,8 @@ def run(config: Config, roles: set[str], threads: int | None = None) -> int:
             _wait_for_signal()
     finally:
         log.info("stopping: finishing in-flight work")
-        stop_consumers(running)
+        with stacks_if_slow(STOP_TRACE_AFTER):
+            stop_consumers(running)
         log.info("stopped")
     return 0
 

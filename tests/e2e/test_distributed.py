@@ -49,6 +49,7 @@ import pika
 import pytest
 
 from services.quarantine.store import QuarantineStore
+from services.runner import STOP_TRACE_AFTER
 from shared.broker import BrokerTransport
 from shared.config import BrokerConfig
 from shared.transport import Queue
@@ -707,6 +708,10 @@ def test_distributed_run_survives_faults(cluster_factory: Callable[..., Cluster]
             graceful = {name: p.proc.wait(45) for name, p in stopping.items() if p.proc is not None}
             recovery["sigterm_exit"] = time.monotonic() - asked
             assert graceful == {"scanner-2": 0, "delivery": 0}, graceful
+            # A stop this slow leaves the threads' stacks in the log (services/runner.py): show them.
+            assert recovery["sigterm_exit"] < STOP_TRACE_AFTER, "\n".join(
+                f"===== {name} =====\n{p.log()[-8000:]}" for name, p in stopping.items()
+            )
             for name, process in stopping.items():
                 assert "unfinished" not in process.log(), name
                 cluster.restart(name)
