@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -124,13 +125,19 @@ def rss_bytes(pid: int) -> int | None:
         return None
 
 
-def machine_cpu() -> tuple[float, float]:
-    """(busy, total) CPU seconds of the whole machine since boot, from /proc/stat."""
+class MachineCpu(NamedTuple):
+    """CPU seconds of the whole machine since boot, from /proc/stat."""
+
+    busy: float  # this machine's own work: user, system, interrupts (not idle, iowait or steal)
+    steal: float  # time a virtual machine's cores wanted to run but the hypervisor ran others
+    total: float  # all of it, idle and steal included
+
+
+def machine_cpu() -> MachineCpu:
     with open("/proc/stat") as fh:
-        values = [int(v) for v in fh.readline().split()[1:]]
-    idle = values[3] + values[4]
-    total = sum(values[:8])
-    return (total - idle) / CLK_TCK, total / CLK_TCK
+        user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in fh.readline().split()[1:9])
+    busy = user + nice + system + irq + softirq
+    return MachineCpu(busy / CLK_TCK, steal / CLK_TCK, (busy + idle + iowait + steal) / CLK_TCK)
 
 
 def broker_pids() -> list[int]:

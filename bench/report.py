@@ -113,7 +113,7 @@ def budget_table(rows: Sequence[Row], cores: int) -> str:
     """Where the machine's CPU went in each phase, in CPU ms per message that reached the sink,
     and the rate the machine's cores would allow at that cost if every one of them were busy: a
     target above that bound cannot be met by tuning the schedule, only by spending less CPU."""
-    columns = ("system", "conc.", "msgs/conn", "msg/s", "machine busy", *BUDGET_PARTS, "other", "all",
+    columns = ("system", "conc.", "msgs/conn", "msg/s", "machine busy", *BUDGET_PARTS, "other", "all", "stolen",
                f"msg/s at {cores} cores busy")  # fmt: skip
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     for row in rows:
@@ -132,6 +132,7 @@ def budget_table(rows: Sequence[Row], cores: int) -> str:
             *parts,
             _num(max(0.0, total - known), 2),
             _num(total, 2),
+            _num(budget["steal"], 2) if "steal" in budget else "–",
             _num(cores * 1000 / total) if total > 0 else "–",
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -160,7 +161,9 @@ def document(
         budget = (
             "\nWhere the machine's CPU went, in CPU ms per message that reached the sink: the gateway's "
             "processes, clamd, the RabbitMQ node, the sink, the load generator, and other (the rest of the "
-            "machine's busy time: kernel work on behalf of none of these, anything else running). The last "
+            "machine's busy time: kernel work on behalf of none of these, anything else running). Stolen is "
+            "time the machine's virtual cores wanted to run while the hypervisor ran something else: not "
+            "part of 'all', but time the cores could not work, so a noisy host shows there. The last "
             "column is the rate all cores would allow at that cost.\n\n" + budget
         )
     tail = ["", *notes] if notes else []

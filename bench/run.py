@@ -333,7 +333,7 @@ def measure(
     env.sampler.reset_peaks()
     cpu_before = env.sampler.cpu(roles)
     peers_before = env.sampler.cpu(PEER_ROLES)
-    busy_before, all_before = machine_cpu()
+    machine_before = machine_cpu()
     children_before = _children_cpu()
     load = run_load(env, port, concurrency, per_connection, total, duration, tag)
     loadgen_cpu = _children_cpu() - children_before
@@ -344,7 +344,8 @@ def measure(
     seen = wait_arrivals(env, tag, expected)
     cpu_after = env.sampler.cpu(roles)
     peers_after = env.sampler.cpu(PEER_ROLES)
-    busy_after, all_after = machine_cpu()
+    machine_after = machine_cpu()
+    busy, steal, elapsed = (after - before for after, before in zip(machine_after, machine_before, strict=True))
     peaks = {k: v for k, v in env.sampler.peaks().items() if k.split("#")[0] in roles}
     times, _, problems = check_arrivals(env, tag, seen, system)
     ends = {s[0]: s[2] for s in load["sent"]}
@@ -386,9 +387,11 @@ def measure(
             "gateway": per_thousand(gateway_cpu, len(times)) if roles else math.nan,
             **{r: per_thousand(c, len(times)) for r, c in peers.items()},
             "load generator": per_thousand(loadgen_cpu, len(times)),
-            "machine": per_thousand(busy_after - busy_before, len(times)),
+            "machine": per_thousand(busy, len(times)),
+            "steal": per_thousand(steal, len(times)),
         },
-        "machine_busy": (busy_after - busy_before) / max(1e-9, all_after - all_before),
+        "machine_busy": busy / max(1e-9, elapsed),
+        "machine_steal": steal / max(1e-9, elapsed),
         "peak_rss": peaks,
         "checks": "; ".join(problems[:3]) + (f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""),
         "problems": len(problems),
@@ -396,7 +399,8 @@ def measure(
     say(
         f"  {row['rate']:.0f} msg/s end to end ({row['accept_rate']:.0f}/s accepted), "
         f"250 p50/p99 {row['accept_p50'] * 1000:.0f}/{row['accept_p99'] * 1000:.0f} ms, "
-        f"machine {row['machine_busy'] * 100:.0f}% busy, {row['checks'] or 'checks ok'}"
+        f"machine {row['machine_busy'] * 100:.0f}% busy ({row['machine_steal'] * 100:.0f}% stolen), "
+        f"{row['checks'] or 'checks ok'}"
     )
     env.rows.append(row)
     return row

@@ -63,7 +63,7 @@ def test_document_has_context_table_and_notes() -> None:
 
 
 def test_budget_table_splits_the_machines_cpu_and_bounds_the_rate() -> None:
-    budget = {"gateway": 4.0, "clamd": 2.5, "sink": 0.5, "load generator": 1.0, "machine": 10.0}
+    budget = {"gateway": 4.0, "clamd": 2.5, "sink": 0.5, "load generator": 1.0, "machine": 10.0, "steal": 0.75}
     rows = [
         _row("loopback", 50, 1, 700.0),  # no budget: not in the table
         _row("smtpgw RabbitMQ, 2 scanners", 50, 1, 150.0, machine_busy=0.75, cpu_budget={**budget, "broker": 1.5}),
@@ -72,15 +72,15 @@ def test_budget_table_splits_the_machines_cpu_and_bounds_the_rate() -> None:
     lines = report.budget_table(rows, cores=2).strip().splitlines()
     assert lines[0] == (
         "| system | conc. | msgs/conn | msg/s | machine busy | gateway | clamd | broker | sink | load generator "
-        "| other | all | msg/s at 2 cores busy |"
+        "| other | all | stolen | msg/s at 2 cores busy |"
     )
     assert len(lines) == 4
     rabbit = [c.strip() for c in lines[2].strip("|").split("|")]
     assert rabbit == ["smtpgw RabbitMQ, 2 scanners", "50", "1", "150", "75%", "4.00", "2.50", "1.50", "0.50",
-                      "1.00", "0.50", "10.00", "200"]  # fmt: skip
+                      "1.00", "0.50", "10.00", "0.75", "200"]  # fmt: skip
     embedded = [c.strip() for c in lines[3].strip("|").split("|")]
     assert embedded[7] == "–"  # no broker
-    assert embedded[10] == "2.00"  # the rest of the machine's time is "other"
+    assert embedded[10] == "2.00"  # the rest of the machine's time is "other"; steal is apart from "all"
     assert report.budget_table(rows[:1], cores=2) == ""
     assert "Where the machine's CPU went" in report.document(rows, {}, cores=2)
     assert "Where the machine's CPU went" not in report.document(rows, {})
