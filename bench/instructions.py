@@ -52,7 +52,7 @@ from bench.run import (
 _TOTALS = re.compile(r"^(?:totals|summary):\s*(\d+)", re.MULTILINE)
 
 
-def _counted(pid: int, out: str) -> int:
+def counted(pid: int, out: str) -> int:
     """Dump callgrind's counters of `pid` (instructions since the last zeroing) and read them."""
     before = set(os.listdir(out))
     subprocess.run([need("callgrind_control"), "--dump", str(pid)], check=True, capture_output=True, timeout=300)
@@ -67,7 +67,7 @@ def _counted(pid: int, out: str) -> int:
     raise RuntimeError(f"callgrind wrote no dump for {pid} in {out}")
 
 
-def _zero(pid: int) -> None:
+def zero(pid: int) -> None:
     subprocess.run([need("callgrind_control"), "--zero", str(pid)], check=True, capture_output=True, timeout=300)
 
 
@@ -109,16 +109,16 @@ def measure(options: Options, messages: int, concurrency: int, idle: float) -> d
         say("warming up (unmeasured)")
         _send(env, port, concurrency, max(20, messages // 5), f"iw{os.getpid()}")
         say(f"idle for {idle:.0f} s")
-        _zero(gateway.pid)
+        zero(gateway.pid)
         started = time.monotonic()
         time.sleep(idle)
-        idle_rate = _counted(gateway.pid, out) / (time.monotonic() - started)
+        idle_rate = counted(gateway.pid, out) / (time.monotonic() - started)
         say(f"{messages} messages at concurrency {concurrency}")
-        _zero(gateway.pid)
+        zero(gateway.pid)
         started = time.monotonic()
         _send(env, port, concurrency, messages, f"im{os.getpid()}")
         window = time.monotonic() - started
-        loaded = _counted(gateway.pid, out)
+        loaded = counted(gateway.pid, out)
     finally:
         stop_all(reversed(procs))
         shutil.rmtree(sink_dir, ignore_errors=True)
