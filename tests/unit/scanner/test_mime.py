@@ -99,6 +99,13 @@ def test_uuencoded_blocks_in_text_parts() -> None:
         (b"to begin 644 with, some prose\n", []),
         (b"begin 644 x.txt\nthis is not uuencoded at all\n", []),
         (b"begin 644 x.exe\n", []),
+        # Only at the start of a line: not after other text, not after a CR alone, not indented.
+        (b"x begin 644 a.bin\n" + uuencode("a.bin", b"abc")[len(b"begin 644 a.bin\n"):], []),
+        (b"text\r" + uuencode("a.bin", b"abc"), []),
+        (b"  " + uuencode("a.bin", b"abc"), []),
+        # A "begin" inside a line does not hide the one that starts the next line.
+        (b"begin begin 644 z\n" + uuencode("a.bin", b"abc"), [("a.bin", b"abc")]),
+        (b"to begin 644 x\r\n" + uuencode("a.bin", b"abc").replace(b"\n", b"\r\n"), [("a.bin", b"abc")]),
     ],
 )
 def test_find_uuencoded(text: bytes, blocks: list[tuple[str, bytes]]) -> None:
