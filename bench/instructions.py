@@ -134,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--idle", type=float, default=20.0, help="seconds of idle counting (timers, polls)")
     p.add_argument("--pool", type=int, default=200, help="distinct corpus messages")
     args = p.parse_args(argv)
+    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+        raise SystemExit("valgrind is not installed (scripts/setup.sh installs it: make setup)")
     options = Options(pool=args.pool)
     os.makedirs(options.out, exist_ok=True)
     result = measure(options, args.messages, args.concurrency, args.idle)
