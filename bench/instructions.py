@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import pickle
 import re
 import shutil
 import subprocess
@@ -47,6 +46,7 @@ from bench.run import (
     start_clamd,
     start_sink,
     wait_arrivals,
+    write_pool,
 )
 
 _TOTALS = re.compile(r"^(?:totals|summary):\s*(\d+)", re.MULTILINE)
@@ -88,9 +88,7 @@ def measure(options: Options, messages: int, concurrency: int, idle: float) -> d
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(out)
     samples = corpus.build(options.pool, options.seed)
-    pool_file = os.path.join(options.work, "pool-instructions.pickle")
-    with open(pool_file, "wb") as fh:
-        pickle.dump([(s.index, corpus.wire(s.data), f"user{1 + s.index % 50}@example.test") for s in samples], fh)
+    pool_file = write_pool(samples, os.path.join(options.work, "pool-instructions.pickle"))
     sink_dir = f"/dev/shm/smtpgw-instructions-{os.getpid()}"
     env = Env(options, samples, pool_file, sink_dir, free_port(), free_port(), Sampler())
     procs: list[Proc] = []

@@ -693,6 +693,13 @@ def memory(env: Env, proc: Proc, port: int) -> None:
 # ---------------------------------------------------------------- main
 
 
+def write_pool(samples: Sequence[corpus.Sample], path: str) -> str:
+    """The load generator's pool: each sample in its DATA form, with a recipient; returns `path`."""
+    with open(path, "wb") as fh:
+        pickle.dump([(s.index, corpus.wire(s.data), f"user{1 + s.index % 50}@example.test") for s in samples], fh)
+    return path
+
+
 def run(options: Options) -> int:
     os.makedirs(options.out, exist_ok=True)
     os.makedirs(options.work, exist_ok=True)
@@ -703,9 +710,7 @@ def run(options: Options) -> int:
         real = corpus.load_directory(options.real_corpus)
         samples += [corpus.Sample(len(samples) + s.index, s.kind, s.data, detail=s.detail) for s in real]
         say(f"added {len(real)} messages from {options.real_corpus}")
-    pool_file = os.path.join(options.work, "pool.pickle")
-    with open(pool_file, "wb") as fh:
-        pickle.dump([(s.index, corpus.wire(s.data), f"user{1 + s.index % 50}@example.test") for s in samples], fh)
+    pool_file = write_pool(samples, os.path.join(options.work, "pool.pickle"))
     sink_dir = f"/dev/shm/smtpgw-bench-{os.getpid()}"
     sampler = Sampler()
     env = Env(options, samples, pool_file, sink_dir, free_port(), free_port(), sampler)
