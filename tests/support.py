@@ -55,13 +55,22 @@ class Captured:
 
 @dataclass
 class CaptureHandler:
-    """Stores every message; `rcpt_reply`/`data_reply` make it answer 4xx/5xx."""
+    """Stores every message; `rcpt_reply`/`data_reply` make it answer 4xx/5xx. It offers
+    PIPELINING (RFC 2920) as Postfix and smtpgw's receiver do, unless `pipelining` is False."""
 
     messages: list[Captured] = field(default_factory=list)
     rcpt_reply: Callable[[str], str | None] = lambda _addr: None
     data_reply: Callable[[Envelope], str | None] = lambda _env: None
+    pipelining: bool = True
     lock: threading.Lock = field(default_factory=threading.Lock)
     arrived: threading.Condition = field(default_factory=threading.Condition)
+
+    async def handle_EHLO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname
+        # aiosmtpd answers pipelined commands in order but does not say it can.
+        return [*responses[:-1], "250-PIPELINING", responses[-1]] if self.pipelining else responses
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]

@@ -9,6 +9,12 @@ offers, one RCPT per recipient, DATA. aiosmtplib's and the socket's
 exceptions never leave this module: inside they become
 `TemporaryFailure`/`PermanentFailure`, and `send` returns values.
 
+To a server that offers PIPELINING (RFC 2920), MAIL, every RCPT and DATA go
+in one write and their replies are read afterwards (`_Pipeline`): one round
+trip where there were two plus one per recipient, as Postfix's client does.
+The replies still count one by one, per recipient; a server without the
+extension gets one command at a time.
+
 DATA takes a fast path for a message whose every line already ends in CRLF,
 as every message the receiver accepted does: the body goes out dot-stuffed by
 `wire_data` (a few passes of C-level byte searches) instead of through
@@ -27,6 +33,7 @@ lock.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -35,6 +42,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from types import TracebackType
 
 import aiosmtplib
 from aiosmtplib import SMTPResponse, SMTPStatus
@@ -144,6 +152,128 @@ async def send_wire_data(smtp: aiosmtplib.SMTP, pieces: Sequence[bytes]) -> SMTP
     return response
 
 
+# A reply line longer than this, or this much without a line end, is not SMTP (aiosmtplib's bounds).
+_MAX_REPLY_LINE = 8192
+_MAX_REPLY_BUFFER = 4 * _MAX_REPLY_LINE
+
+
+class _Pipeline(asyncio.Protocol):
+    """The replies to commands written as a group (RFC 2920), read in order.
+
+    aiosmtplib reads exactly one reply per command it wrote and drops bytes nobody asked for yet,
+    so it cannot take the replies to a group. For the group's duration this protocol takes the
+    transport's input instead (asyncio's public `set_protocol`) and gives it back to aiosmtplib's
+    protocol on leaving; connection loss and write flow control are passed on to that protocol,
+    so aiosmtplib's view of the session stays right. The pool checks a connection out to one
+    transaction at a time, so nothing else uses it meanwhile (as with `send_wire_data`).
+
+    Leaving with a reply unread or a partial one buffered means the session is out of step:
+    the connection is closed, never pooled again.
+    """
+
+    def __init__(self, smtp: aiosmtplib.SMTP) -> None:
+        protocol = smtp.protocol
+        if protocol is None or protocol.transport is None or not smtp.is_connected:
+            raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+        self._smtp = smtp
+        self._protocol = protocol
+        self._transport: asyncio.WriteTransport = protocol.transport  # type: ignore[assignment]
+        self._timeout = smtp.timeout
+        self._buffer = bytearray()
+        self._replies: collections.deque[SMTPResponse] = collections.deque()
+        self._error: aiosmtplib.SMTPException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+
+    def __enter__(self) -> _Pipeline:
+        self._transport.set_protocol(self)
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self._transport.set_protocol(self._protocol)
+        if kind is not None or self._buffer or self._replies or self._error is not None:
+            self._smtp.close()
+
+    def write(self, data: bytes) -> None:
+        if self._error is not None:
+            raise self._error
+        self._protocol.write(data)
+
+    async def reply(self) -> SMTPResponse:
+        """The next reply; raises SMTPServerDisconnected, SMTPReadTimeoutError or
+        SMTPResponseException (a malformed reply) as aiosmtplib's own reads do."""
+        while not self._replies:
+            if self._error is not None:
+                raise self._error
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await asyncio.wait_for(self._waiter, self._timeout)
+            except TimeoutError:
+                raise aiosmtplib.SMTPReadTimeoutError("Timed out waiting for server response") from None
+            finally:
+                self._waiter = None
+        return self._replies.popleft()
+
+    # ------------------------------------------------ asyncio.Protocol
+
+    def data_received(self, data: bytes) -> None:
+        if self._error is not None:
+            return
+        self._buffer += data
+        try:
+            self._parse()
+        except aiosmtplib.SMTPResponseException as exc:
+            self._fail(exc)
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self._fail(aiosmtplib.SMTPServerDisconnected("Unexpected EOF received"))
+        return False  # close the transport: connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(aiosmtplib.SMTPServerDisconnected("Connection lost"))
+        self._protocol.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._protocol.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._protocol.resume_writing()
+
+    def _fail(self, error: aiosmtplib.SMTPException) -> None:
+        if self._error is None:
+            self._error = error
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done() and (self._replies or self._error):
+            self._waiter.set_result(None)
+
+    def _parse(self) -> None:
+        """Move every complete reply out of the buffer (RFC 5321 section 4.2: "250-" lines go
+        on, the "250 " line ends the reply; the text is joined with newlines, as aiosmtplib does)."""
+        start = 0
+        lines: list[bytes] = []
+        while (end := self._buffer.find(b"\n", start)) >= 0:
+            line = bytes(self._buffer[start : end + 1])
+            start = end + 1
+            if len(line) > _MAX_REPLY_LINE or not line[:3].isdigit():
+                shown = line[:80].decode("utf-8", "replace").strip()
+                raise aiosmtplib.SMTPResponseException(
+                    SMTPStatus.invalid_response.value, f"Malformed SMTP response line: {shown}"
+                )
+            lines.append(line)
+            if line[3:4] != b"-":
+                text = b"\n".join(x[4:].strip(b" \t\r\n") for x in lines)
+                self._replies.append(SMTPResponse(int(line[:3]), text.decode("utf-8", "surrogateescape")))
+                del self._buffer[:start]
+                start = 0
+                lines = []
+        if len(self._buffer) > _MAX_REPLY_BUFFER:
+            raise aiosmtplib.SMTPResponseException(SMTPStatus.invalid_response.value, "Response too long")
+
+
 def opportunistic_tls_context() -> ssl.SSLContext:
     """TLS for MX delivery: encrypt when offered, never fail on the certificate (RFC 7435)."""
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
@@ -160,6 +290,7 @@ class _Connection:
     opened: float
     idle_since: float = 0.0
     broken: bool = False  # the session state is unknown (timeout, drop): never reuse
+    stage: Stage = Stage.MAIL  # the step of the transaction under way, for the error message
 
 
 class SmtpClient:
@@ -405,31 +536,19 @@ class SmtpClient:
         problem = self._check_capabilities(conn, tx, required, utf8)
         if problem is not None:
             return {r: self._result(r, conn, Outcome.PERMANENT, problem) for r in tx.rcpts}
+        pieces = wire_data(tx.body)
+        # A body with bare line ends goes through SMTP.data(), which normalises it, step by step.
+        pipelined = pieces is not None and conn.smtp.supports_extension("pipelining")
         pending = list(tx.rcpts)
-        stage = Stage.MAIL
+        conn.stage = Stage.MAIL
         try:
             while pending:
-                stage = Stage.MAIL
-                response = await conn.smtp.execute_command(b"MAIL", *self._mail_args(conn, tx, utf8))
-                if response.code != 250:
-                    self._conclude(results, conn, pending, response.code, response.message, Stage.MAIL)
+                send = self._pipelined if pipelined else self._stepwise
+                accepted, again, final = await send(conn, tx, pending, utf8, results, pieces)
+                if final is None:  # MAIL or every RCPT refused: nothing was sent
                     break
-                stage = Stage.RCPT
-                accepted, again = await self._recipients(conn, pending, utf8, results)
-                if not accepted:
-                    break
-                stage = Stage.DATA
-                try:
-                    pieces = wire_data(tx.body)
-                    if pieces is None:
-                        response = await conn.smtp.data(tx.body)
-                    else:
-                        response = await send_wire_data(conn.smtp, pieces)
-                    code, message = response.code, response.message
-                except aiosmtplib.SMTPDataError as exc:
-                    code, message = exc.code, exc.message
-                self._conclude(results, conn, accepted, code, message, Stage.DATA)
-                if classify(code, Stage.DATA) is not Outcome.DELIVERED:
+                self._conclude(results, conn, accepted, final.code, final.message, Stage.DATA)
+                if classify(final.code, Stage.DATA) is not Outcome.DELIVERED:
                     break
                 await on_delivered(accepted)
                 if not again:
@@ -439,32 +558,117 @@ class SmtpClient:
                     del results[rcpt]
         except (aiosmtplib.SMTPException, OSError) as exc:
             conn.broken = True
-            reply = Reply(0, BAD_CONNECTION, f"lost connection with {conn.hop.relay} during {stage}: {_reason(exc)}")
+            why = f"lost connection with {conn.hop.relay} during {conn.stage}: {_reason(exc)}"
+            reply = Reply(0, BAD_CONNECTION, why)
             for rcpt in tx.rcpts:
                 results.setdefault(rcpt, self._result(rcpt, conn, Outcome.TEMPORARY, reply))
         return results
 
-    async def _recipients(
-        self, conn: _Connection, pending: Sequence[str], utf8: bool, results: dict[str, RcptResult]
-    ) -> tuple[list[str], list[str]]:
-        """One RCPT per recipient, each with its own result. Returns the accepted ones and
-        the ones to send again in a new transaction."""
+    async def _stepwise(
+        self,
+        conn: _Connection,
+        tx: Transaction,
+        pending: Sequence[str],
+        utf8: bool,
+        results: dict[str, RcptResult],
+        pieces: Sequence[bytes] | None,
+    ) -> tuple[list[str], list[str], SMTPResponse | None]:
+        """One transaction, a command and its reply at a time. Returns the recipients accepted,
+        those to send again in a new transaction, and the reply to the data (None when no data
+        was sent); every refused recipient has its result in `results`."""
+        conn.stage = Stage.MAIL
+        response = await conn.smtp.execute_command(b"MAIL", *self._mail_args(conn, tx, utf8))
+        if response.code != 250:
+            self._conclude(results, conn, pending, response.code, response.message, Stage.MAIL)
+            return [], [], None
+        conn.stage = Stage.RCPT
         accepted: list[str] = []
         again: list[str] = []
         for rcpt in pending:
-            address = _address(rcpt, utf8)
-            if address is None:
-                reply = Reply(0, "5.1.3", f"recipient address {rcpt!r} cannot be sent over SMTP here")
-                results[rcpt] = self._result(rcpt, conn, Outcome.PERMANENT, reply)
-                continue
-            response = await conn.smtp.execute_command(b"RCPT", b"TO:<" + address + b">")
-            if response.code in (250, 251):
-                accepted.append(rcpt)
-                continue
-            self._conclude(results, conn, [rcpt], response.code, response.message, Stage.RCPT)
-            if accepted and retry_in_next_transaction(response.code, Stage.RCPT):
-                again.append(rcpt)
-        return accepted, again
+            address = self._rcpt_address(conn, rcpt, utf8, results)
+            if address is not None:
+                response = await conn.smtp.execute_command(b"RCPT", b"TO:<" + address + b">")
+                self._rcpt_reply(conn, rcpt, response, accepted, again, results)
+        if not accepted:
+            return [], [], None
+        conn.stage = Stage.DATA
+        try:
+            if pieces is None:
+                return accepted, again, await conn.smtp.data(tx.body)
+            return accepted, again, await send_wire_data(conn.smtp, pieces)
+        except aiosmtplib.SMTPDataError as exc:
+            return accepted, again, SMTPResponse(exc.code, exc.message)
+
+    async def _pipelined(
+        self,
+        conn: _Connection,
+        tx: Transaction,
+        pending: Sequence[str],
+        utf8: bool,
+        results: dict[str, RcptResult],
+        pieces: Sequence[bytes] | None,
+    ) -> tuple[list[str], list[str], SMTPResponse | None]:
+        """`_stepwise` in two round trips (RFC 2920): MAIL, every RCPT and DATA in one write,
+        their replies, then the data and its reply."""
+        assert pieces is not None
+        addresses = {r: a for r in pending if (a := self._rcpt_address(conn, r, utf8, results)) is not None}
+        if not addresses:
+            return [], [], None
+        group = [b"MAIL " + b" ".join(self._mail_args(conn, tx, utf8))]
+        group += [b"RCPT TO:<" + address + b">" for address in addresses.values()]
+        group.append(b"DATA")
+        accepted: list[str] = []
+        again: list[str] = []
+        with _Pipeline(conn.smtp) as pipe:
+            pipe.write(b"".join(command + b"\r\n" for command in group))
+            conn.stage = Stage.MAIL
+            mail = await pipe.reply()
+            conn.stage = Stage.RCPT
+            for rcpt in addresses:
+                response = await pipe.reply()
+                if mail.code == 250:
+                    self._rcpt_reply(conn, rcpt, response, accepted, again, results)
+            if mail.code != 250:  # every RCPT was refused for want of a MAIL: MAIL's reply says why
+                self._conclude(results, conn, list(addresses), mail.code, mail.message, Stage.MAIL)
+            conn.stage = Stage.DATA
+            data = await pipe.reply()
+            if data.code != SMTPStatus.start_input:
+                return (accepted, again, data) if accepted else ([], [], None)
+            if not accepted:
+                # RFC 2920 section 3.1: DATA accepted without a valid recipient; an empty
+                # message ends it, which the server must not deliver to anybody.
+                pipe.write(_END_OF_DATA)
+                await pipe.reply()
+                return [], [], None
+            for piece in pieces:
+                pipe.write(piece)
+            return accepted, again, await pipe.reply()
+
+    def _rcpt_address(self, conn: _Connection, rcpt: str, utf8: bool, results: dict[str, RcptResult]) -> bytes | None:
+        """The address for RCPT TO; None, with the recipient's result, when it cannot go."""
+        address = _address(rcpt, utf8)
+        if address is None:
+            reply = Reply(0, "5.1.3", f"recipient address {rcpt!r} cannot be sent over SMTP here")
+            results[rcpt] = self._result(rcpt, conn, Outcome.PERMANENT, reply)
+        return address
+
+    def _rcpt_reply(
+        self,
+        conn: _Connection,
+        rcpt: str,
+        response: SMTPResponse,
+        accepted: list[str],
+        again: list[str],
+        results: dict[str, RcptResult],
+    ) -> None:
+        """Sort one recipient by the reply to its RCPT: accepted, refused, or refused for now but
+        to be sent again in the next transaction."""
+        if response.code in (250, 251):
+            accepted.append(rcpt)
+            return
+        self._conclude(results, conn, [rcpt], response.code, response.message, Stage.RCPT)
+        if accepted and retry_in_next_transaction(response.code, Stage.RCPT):
+            again.append(rcpt)
 
     def _conclude(
         self,
@@ -541,5 +745,6 @@ def _reason(exc: BaseException) -> str:
         return os.strerror(cause.errno)
     if isinstance(cause, OSError) and cause.strerror:
         return cause.strerror
-    text = str(exc).strip()
+    # aiosmtplib's exceptions carry their words in `message` (str() of a reply error is a tuple).
+    text = (exc.message if isinstance(exc, aiosmtplib.SMTPException) else str(exc)).strip()
     return text or type(exc).__name__

@@ -158,7 +158,13 @@ def test_pooled_connection_closed_by_the_server_is_replaced(make_delivery: MakeD
     assert got.data == BODY
 
 
-def test_too_many_recipients_go_in_the_next_transaction(make_delivery: MakeDelivery) -> None:
+# Both ways of sending a transaction: to a server that offers PIPELINING (RFC 2920) and to one that
+# does not; each recipient's reply must count the same.
+BOTH_WAYS = pytest.mark.parametrize("pipelining", [True, False], ids=["pipelined", "stepwise"])
+
+
+@BOTH_WAYS
+def test_too_many_recipients_go_in_the_next_transaction(make_delivery: MakeDelivery, pipelining: bool) -> None:
     """RFC 5321 section 4.5.3.1.10: 452 to RCPT after some were accepted means "send the rest
     in another transaction", at once, not after a retry interval."""
 
@@ -169,7 +175,7 @@ def test_too_many_recipients_go_in_the_next_transaction(make_delivery: MakeDeliv
                 return "452 4.5.3 Too many recipients"
             return await super().handle_RCPT(server, session, envelope, address, options)
 
-    handler = TwoPerTransaction()
+    handler = TwoPerTransaction(pipelining=pipelining)
     port = free_port()
     controller = Controller(handler, hostname="127.0.0.1", port=port)
     controller.start()
@@ -186,9 +192,10 @@ def test_too_many_recipients_go_in_the_next_transaction(make_delivery: MakeDeliv
 # ---------------------------------------------------------------- failures
 
 
-def test_partial_failures_per_recipient(make_delivery: MakeDelivery) -> None:
+@BOTH_WAYS
+def test_partial_failures_per_recipient(make_delivery: MakeDelivery, pipelining: bool) -> None:
     replies = {"busy@example.test": "450 4.2.1 mailbox busy", "gone@example.test": "550 5.1.1 user unknown"}
-    with capture_server(rcpt_reply=replies.get) as (handler, port):
+    with capture_server(rcpt_reply=replies.get, pipelining=pipelining) as (handler, port):
         d = make_delivery({"example.test": f"smtp://127.0.0.1:{port}"}, retry_interval="10m")
         env = envelope(("ok@example.test", "busy@example.test", "gone@example.test"), attempts=1)
         before = datetime.now(UTC)
@@ -219,14 +226,15 @@ def test_partial_failures_per_recipient(make_delivery: MakeDelivery) -> None:
     )
 
 
+@BOTH_WAYS
 @pytest.mark.parametrize(
     ("reply", "queue", "status"),
     [("451 4.3.0 try again later", Queue.DEFERRED, "4.3.0"), ("554 5.6.0 content rejected", Queue.BOUNCE, "5.6.0")],
 )
 def test_data_reply_applies_to_every_recipient(
-    make_delivery: MakeDelivery, reply: str, queue: Queue, status: str
+    make_delivery: MakeDelivery, reply: str, queue: Queue, status: str, pipelining: bool
 ) -> None:
-    with capture_server(data_reply=lambda _env: reply) as (handler, port):
+    with capture_server(data_reply=lambda _env: reply, pipelining=pipelining) as (handler, port):
         d = make_delivery({"example.test": f"smtp://127.0.0.1:{port}"})
         env = envelope(("a@example.test", "b@example.test"))
         (out,) = deliver(d, env)

@@ -62,8 +62,17 @@ def spy(monkeypatch: pytest.MonkeyPatch) -> DataSpy:
 
 def send(port: int, body: bytes, *, timeout: float = 5.0, rcpts: Sequence[str] = (RCPT,)) -> list[RcptResult]:
     """One transaction through a fresh SmtpClient, on an event loop of its own."""
+    (results,) = send_all(port, [(body, rcpts)], timeout=timeout)
+    return results
 
-    async def run() -> list[RcptResult]:
+
+def send_all(
+    port: int, transactions: Sequence[tuple[bytes, Sequence[str]]], *, timeout: float = 5.0
+) -> list[list[RcptResult]]:
+    """(body, recipients) transactions one after the other through one SmtpClient, which reuses
+    its connection while it can."""
+
+    async def run() -> list[list[RcptResult]]:
         client = SmtpClient("gw.example.test", timeout)
 
         async def hops() -> list[Hop]:
@@ -73,7 +82,10 @@ def send(port: int, body: bytes, *, timeout: float = 5.0, rcpts: Sequence[str] =
             return None
 
         try:
-            return await client.send("dest", hops, Transaction("s@example.org", tuple(rcpts), body), delivered)
+            return [
+                await client.send("dest", hops, Transaction("s@example.org", tuple(rcpts), body), delivered)
+                for body, rcpts in transactions
+            ]
         finally:
             await client.aclose()
 
@@ -141,12 +153,24 @@ def test_bare_line_ends_take_aiosmtplibs_path(body: bytes, expected: bytes, spy:
 
 @dataclass
 class WireServer:
-    """A bare SMTP server on 127.0.0.1: 250 to everything, `data_reply` to DATA and, after
-    the data, `final_reply` (None: never answer). Keeps each DATA phase's raw bytes."""
+    """A bare SMTP server on 127.0.0.1: 250 to everything, `mail_reply` to MAIL, the reply
+    `rcpt_replies` has for an address (250 when none), `data_reply` to DATA and, after the data,
+    `final_reply` (None: never answer). Keeps each DATA phase's raw bytes.
+
+    With `pipelining` it offers PIPELINING and holds its replies to MAIL and RCPT until DATA
+    comes, then sends them all in one write with the reply to DATA (RFC 2920 section 3.2 lets a
+    server buffer them; it must flush once its input is empty, which here is when the group
+    ends). A client that waits for each reply before its next command hangs against it.
+    `drop_at` is a command it answers by closing the connection."""
 
     data_reply: bytes = b"354 go ahead"
     final_reply: bytes | None = b"250 2.0.0 taken"
+    mail_reply: bytes = b"250 ok"
+    rcpt_replies: dict[bytes, bytes] = field(default_factory=dict)
+    pipelining: bool = False
+    drop_at: bytes = b""
     phases: list[bytes] = field(default_factory=list)
+    sessions: int = 0
     port: int = 0
     _sock: socket.socket | None = None
     _threads: list[threading.Thread] = field(default_factory=list)
@@ -178,6 +202,7 @@ class WireServer:
                 conn, _ = self._sock.accept()
             except OSError:
                 return
+            self.sessions += 1
             self._spawn(self._session, conn)
 
     def _session(self, conn: socket.socket) -> None:
@@ -185,17 +210,31 @@ class WireServer:
             conn.settimeout(30)
             reader = conn.makefile("rb")
             conn.sendall(b"220 wire.test ESMTP\r\n")
+            held: list[bytes] = []
             while line := reader.readline():
                 verb = line[:4].upper()
+                if verb == self.drop_at:
+                    conn.shutdown(socket.SHUT_RDWR)
+                    return
                 if verb == b"EHLO":
-                    conn.sendall(b"250-wire.test\r\n250 8BITMIME\r\n")
+                    conn.sendall(
+                        b"250-wire.test\r\n" + (b"250-PIPELINING\r\n" if self.pipelining else b"") + b"250 8BITMIME\r\n"
+                    )
                 elif verb == b"QUIT":
                     conn.sendall(b"221 bye\r\n")
                     return
                 elif verb == b"DATA":
-                    conn.sendall(self.data_reply + b"\r\n")
+                    conn.sendall(b"".join(held) + self.data_reply + b"\r\n")
+                    held.clear()
                     if self.data_reply.startswith(b"354"):
                         self._read_data(conn, reader)
+                elif verb in (b"MAIL", b"RCPT"):
+                    address = line[line.find(b"<") + 1 : line.find(b">")]
+                    reply = self.mail_reply if verb == b"MAIL" else self.rcpt_replies.get(address, b"250 ok")
+                    if self.pipelining:
+                        held.append(reply + b"\r\n")
+                    else:
+                        conn.sendall(reply + b"\r\n")
                 else:
                     conn.sendall(b"250 ok\r\n")
 
@@ -311,3 +350,79 @@ def test_timed_out_session_is_closed_not_pooled() -> None:
     assert [r.outcome for r in first] == [Outcome.TEMPORARY]
     assert [r.outcome for r in second] == [Outcome.DELIVERED]
     assert len(wire.phases) == 2
+
+
+# ---------------------------------------------------------------- PIPELINING (RFC 2920)
+
+
+def test_pipelined_transaction_is_one_group_then_the_data() -> None:
+    """The server answers MAIL and RCPT only when DATA has come: only a client that sends them
+    as one group gets through (a stepwise one would wait for the MAIL reply until it times out)."""
+    rcpts = (RCPT, "b@example.test", "c@example.test")
+    body = b"Subject: x\r\n\r\n.dot\r\nbody\r\n"
+    with wire_server(pipelining=True) as wire:
+        first, second = send_all(wire.port, [(body, rcpts), (body, rcpts[:1])], timeout=2.0)
+    assert [r.outcome for r in first + second] == [Outcome.DELIVERED] * 4
+    assert wire.phases == [b"Subject: x\r\n\r\n..dot\r\nbody\r\n.\r\n"] * 2
+    assert wire.sessions == 1  # the second went on the pooled connection, after its RSET
+
+
+def test_pipelined_replies_count_per_recipient() -> None:
+    replies = {
+        b"gone@example.test": b"550-5.1.1 no such user\r\n550 5.1.1 here",  # a reply of two lines
+        b"busy@example.test": b"450 4.2.1 mailbox busy",
+        b"ok@example.test": b"250-fine\r\n250 really",
+    }
+    with wire_server(pipelining=True, rcpt_replies=replies) as wire:
+        results = send(
+            wire.port,
+            b"Subject: x\r\n\r\nbody\r\n",
+            rcpts=("gone@example.test", "busy@example.test", "ok@example.test"),
+        )
+    assert [r.outcome for r in results] == [Outcome.PERMANENT, Outcome.TEMPORARY, Outcome.DELIVERED]
+    assert results[0].reply.code == 550
+    assert results[0].reply.status == "5.1.1"
+    assert results[0].reply.text == "no such user here"  # both lines, as parse_reply joins them
+    assert results[1].reply.status == "4.2.1"
+    assert results[2].reply.code == 250
+    assert len(wire.phases) == 1
+
+
+def test_pipelined_mail_refused_refuses_every_recipient_with_its_reply() -> None:
+    server = dict(pipelining=True, mail_reply=b"553 5.1.8 sender refused", data_reply=b"503 5.5.1 no valid recipients")
+    with wire_server(**server) as wire:
+        results = send(wire.port, b"Subject: x\r\n\r\nbody\r\n", rcpts=(RCPT, "b@example.test"))
+    assert [(r.outcome, r.reply.status) for r in results] == [(Outcome.PERMANENT, "5.1.8")] * 2
+    assert wire.phases == []
+
+
+def test_data_accepted_without_a_recipient_gets_an_empty_message() -> None:
+    """RFC 2920 section 3.1: a server that answers 354 to DATA although it refused every RCPT
+    gets a lone dot, nothing of the message, and the session stays in step."""
+    refused = {RCPT.encode(): b"550 5.1.1 no such user"}
+    body = b"Subject: x\r\n\r\nbody\r\n"
+    with wire_server(pipelining=True, rcpt_replies=refused) as wire:
+        first, second = send_all(wire.port, [(body, (RCPT,)), (body, ("other@example.test",))])
+    assert [(r.outcome, r.reply.status) for r in first] == [(Outcome.PERMANENT, "5.1.1")]
+    assert [r.outcome for r in second] == [Outcome.DELIVERED]
+    assert wire.phases == [b".\r\n", body + b".\r\n"]
+    assert wire.sessions == 1
+
+
+@pytest.mark.parametrize(
+    ("server", "during"),
+    [
+        (dict(drop_at=b"DATA"), "mail: Unexpected EOF received"),
+        (dict(rcpt_replies={RCPT.encode(): b"what?"}), "rcpt: Malformed SMTP response line: what?"),
+        (dict(final_reply=None), "data: Timed out waiting for server response"),
+    ],
+    ids=["connection dropped", "malformed reply", "no reply to the data"],
+)
+def test_broken_pipelined_session_is_a_temporary_failure_and_not_reused(server: dict[str, Any], during: str) -> None:
+    body = b"Subject: x\r\n\r\nbody\r\n"
+    with wire_server(pipelining=True, **server) as wire:
+        (first,), _second = send_all(wire.port, [(body, (RCPT,)), (body, ("other@example.test",))], timeout=0.5)
+        sessions = wire.sessions
+    assert first.outcome is Outcome.TEMPORARY
+    assert first.reply.text == f"lost connection with 127.0.0.1[127.0.0.1]:{wire.port} during {during}"
+    assert sessions == 2  # the next message did not get the broken session
