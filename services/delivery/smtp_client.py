@@ -9,11 +9,12 @@ offers, one RCPT per recipient, DATA. aiosmtplib's and the socket's
 exceptions never leave this module: inside they become
 `TemporaryFailure`/`PermanentFailure`, and `send` returns values.
 
-To a server that offers PIPELINING (RFC 2920), MAIL, every RCPT and DATA go
-in one write and their replies are read afterwards (`_Pipeline`): one round
-trip where there were two plus one per recipient, as Postfix's client does.
-The replies still count one by one, per recipient; a server without the
-extension gets one command at a time.
+To a server that offers PIPELINING (RFC 2920), RSET (on a pooled connection),
+MAIL, every RCPT and DATA go in one write and their replies are read
+afterwards (`_Pipeline`): one round trip where there were up to three plus
+one per recipient, then one for the data (Postfix's client pipelines its
+envelope the same way). The replies still count one by one, per recipient; a
+server without the extension gets one command at a time.
 
 DATA takes a fast path for a message whose every line already ends in CRLF,
 as every message the receiver accepted does: the body goes out dot-stuffed by
@@ -25,7 +26,9 @@ normalises it.
 
 Connections are kept for reuse per destination (Postfix's connection cache,
 `CONNECTION_CACHE_README`): a pooled connection is checked out by exactly one
-transaction at a time and answered RSET before it is used again. Everything
+transaction at a time, and its transaction starts with an RSET, whose reply
+both proves the peer still listens and clears any state left over; a session
+that fails it is dropped and the transaction goes on another one. Everything
 here runs on the delivery service's single event loop, so the pool needs no
 lock.
 """
@@ -291,6 +294,9 @@ class _Connection:
     idle_since: float = 0.0
     broken: bool = False  # the session state is unknown (timeout, drop): never reuse
     stage: Stage = Stage.MAIL  # the step of the transaction under way, for the error message
+    # Taken from the pool: RSET first, which both clears any state left over and proves the
+    # peer still listens (a session that fails it is dropped, as Postfix does with its cache).
+    rset_due: bool = False
 
 
 class SmtpClient:
@@ -329,20 +335,26 @@ class SmtpClient:
         and raise TemporaryFailure/PermanentFailure). `on_delivered` is awaited
         with the recipients a 250 after DATA covered, before anything else happens.
         """
-        try:
-            conn = await self._checkout(key, hops)
-        except _HopsFailed as exc:
-            return self._fail_all(tx.rcpts, exc.error, exc.hop)
-        except DeliveryError as exc:
-            return self._fail_all(tx.rcpts, exc, None)
-        try:
-            results = await self._transact(conn, tx, on_delivered)
-        except BaseException:
-            conn.broken = True
-            raise
-        finally:
-            await self._release(key, conn)
-        return [results[r] for r in tx.rcpts]
+        while True:
+            try:
+                conn = await self._checkout(key, hops)
+            except _HopsFailed as exc:
+                return self._fail_all(tx.rcpts, exc.error, exc.hop)
+            except DeliveryError as exc:
+                return self._fail_all(tx.rcpts, exc, None)
+            try:
+                results = await self._transact(conn, tx, on_delivered)
+            except _Stale:
+                # The pooled session did not take its RSET; nothing of this transaction was
+                # done: try the next pooled connection, or a new one when none is left.
+                conn.broken = True
+                continue
+            except BaseException:
+                conn.broken = True
+                raise
+            finally:
+                await self._release(key, conn)
+            return [results[r] for r in tx.rcpts]
 
     async def aclose(self) -> None:
         """Close every pooled connection (QUIT, then close)."""
@@ -369,20 +381,14 @@ class SmtpClient:
     # ------------------------------------------------------------ pool
 
     async def _checkout(self, key: str, hops: HopSource) -> _Connection:
+        """A pooled connection, which owes an RSET (the transaction sends it, in its group when
+        pipelining), or a new one. Raises _HopsFailed or DeliveryError when none can be had."""
         # Look the pool up again after every await: the reaper may have replaced the list.
         while pool := self._idle.get(key):
             conn = pool.pop()
             if self._usable(conn):
-                try:
-                    # RSET both clears any state left over and proves the peer still listens.
-                    response = await conn.smtp.execute_command(b"RSET")
-                    if response.code == 250:
-                        return conn
-                except (aiosmtplib.SMTPException, OSError):
-                    pass
-                except BaseException:
-                    conn.smtp.close()
-                    raise
+                conn.rset_due = True
+                return conn
             await self._quit(conn)
         return await self._connect(await hops())
 
@@ -541,6 +547,8 @@ class SmtpClient:
         pipelined = pieces is not None and conn.smtp.supports_extension("pipelining")
         pending = list(tx.rcpts)
         conn.stage = Stage.MAIL
+        if conn.rset_due and not pipelined:
+            await self._rset(conn, await _replied(conn.smtp.execute_command(b"RSET")))
         try:
             while pending:
                 send = self._pipelined if pipelined else self._stepwise
@@ -617,10 +625,14 @@ class SmtpClient:
         group = [b"MAIL " + b" ".join(self._mail_args(conn, tx, utf8))]
         group += [b"RCPT TO:<" + address + b">" for address in addresses.values()]
         group.append(b"DATA")
+        if conn.rset_due:
+            group.insert(0, b"RSET")
         accepted: list[str] = []
         again: list[str] = []
         with _Pipeline(conn.smtp) as pipe:
             pipe.write(b"".join(command + b"\r\n" for command in group))
+            if conn.rset_due:
+                await self._rset(conn, await _replied(pipe.reply()))
             conn.stage = Stage.MAIL
             mail = await pipe.reply()
             conn.stage = Stage.RCPT
@@ -643,6 +655,13 @@ class SmtpClient:
             for piece in pieces:
                 pipe.write(piece)
             return accepted, again, await pipe.reply()
+
+    @staticmethod
+    async def _rset(conn: _Connection, response: SMTPResponse | None) -> None:
+        """Conclude the RSET a pooled session owes; raises _Stale when it got no 250."""
+        if response is None or response.code != 250:
+            raise _Stale
+        conn.rset_due = False
 
     def _rcpt_address(self, conn: _Connection, rcpt: str, utf8: bool, results: dict[str, RcptResult]) -> bytes | None:
         """The address for RCPT TO; None, with the recipient's result, when it cannot go."""
@@ -709,6 +728,18 @@ class SmtpClient:
         if utf8:
             args.append(b"SMTPUTF8")
         return args
+
+
+class _Stale(Exception):
+    """Internal: a pooled session failed its RSET, before any part of the transaction counted."""
+
+
+async def _replied(reading: Awaitable[SMTPResponse]) -> SMTPResponse | None:
+    """The reply `reading` gets; None when the session failed first (dropped, timed out, garbled)."""
+    try:
+        return await reading
+    except (aiosmtplib.SMTPException, OSError):
+        return None
 
 
 class _HopsFailed(Exception):

@@ -426,3 +426,15 @@ def test_broken_pipelined_session_is_a_temporary_failure_and_not_reused(server: 
     assert first.outcome is Outcome.TEMPORARY
     assert first.reply.text == f"lost connection with 127.0.0.1[127.0.0.1]:{wire.port} during {during}"
     assert sessions == 2  # the next message did not get the broken session
+
+
+@pytest.mark.parametrize("pipelining", [True, False], ids=["RSET in the group", "RSET alone"])
+def test_pooled_session_that_fails_its_rset_is_replaced(pipelining: bool) -> None:
+    """A pooled session owes an RSET; one that does not answer it (here: the server hangs up on
+    it) is dropped and the message goes on a new session, not deferred."""
+    body = b"Subject: x\r\n\r\nbody\r\n"
+    with wire_server(pipelining=pipelining, drop_at=b"RSET") as wire:
+        first, second = send_all(wire.port, [(body, (RCPT,)), (body, ("other@example.test",))])
+    assert [r.outcome for r in first + second] == [Outcome.DELIVERED] * 2
+    assert wire.phases == [body + b".\r\n"] * 2
+    assert wire.sessions == 2
