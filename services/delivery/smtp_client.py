@@ -548,7 +548,7 @@ class SmtpClient:
         pending = list(tx.rcpts)
         conn.stage = Stage.MAIL
         if conn.rset_due and not pipelined:
-            await self._rset(conn, await _replied(conn.smtp.execute_command(b"RSET")))
+            self._rset(conn, await _replied(conn.smtp.execute_command(b"RSET")))
         try:
             while pending:
                 send = self._pipelined if pipelined else self._stepwise
@@ -632,7 +632,7 @@ class SmtpClient:
         with _Pipeline(conn.smtp) as pipe:
             pipe.write(b"".join(command + b"\r\n" for command in group))
             if conn.rset_due:
-                await self._rset(conn, await _replied(pipe.reply()))
+                self._rset(conn, await _replied(pipe.reply()))
             conn.stage = Stage.MAIL
             mail = await pipe.reply()
             conn.stage = Stage.RCPT
@@ -657,7 +657,7 @@ class SmtpClient:
             return accepted, again, await pipe.reply()
 
     @staticmethod
-    async def _rset(conn: _Connection, response: SMTPResponse | None) -> None:
+    def _rset(conn: _Connection, response: SMTPResponse | None) -> None:
         """Conclude the RSET a pooled session owes; raises _Stale when it got no 250."""
         if response is None or response.code != 250:
             raise _Stale
