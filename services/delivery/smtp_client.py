@@ -542,17 +542,17 @@ class SmtpClient:
         problem = self._check_capabilities(conn, tx, required, utf8)
         if problem is not None:
             return {r: self._result(r, conn, Outcome.PERMANENT, problem) for r in tx.rcpts}
-        pieces = wire_data(tx.body)
+        attempt = _Attempt(conn, tx, utf8, wire_data(tx.body), results)
         # A body with bare line ends goes through SMTP.data(), which normalises it, step by step.
-        pipelined = pieces is not None and conn.smtp.supports_extension("pipelining")
+        pipelined = attempt.pieces is not None and conn.smtp.supports_extension("pipelining")
+        send = self._pipelined if pipelined else self._stepwise
         pending = list(tx.rcpts)
         conn.stage = Stage.MAIL
         if conn.rset_due and not pipelined:
             self._rset(conn, await _replied(conn.smtp.execute_command(b"RSET")))
         try:
             while pending:
-                send = self._pipelined if pipelined else self._stepwise
-                accepted, again, final = await send(conn, tx, pending, utf8, results, pieces)
+                accepted, again, final = await send(attempt, pending)
                 if final is None:  # MAIL or every RCPT refused: nothing was sent
                     break
                 self._conclude(results, conn, accepted, final.code, final.message, Stage.DATA)
@@ -572,18 +572,11 @@ class SmtpClient:
                 results.setdefault(rcpt, self._result(rcpt, conn, Outcome.TEMPORARY, reply))
         return results
 
-    async def _stepwise(
-        self,
-        conn: _Connection,
-        tx: Transaction,
-        pending: Sequence[str],
-        utf8: bool,
-        results: dict[str, RcptResult],
-        pieces: Sequence[bytes] | None,
-    ) -> tuple[list[str], list[str], SMTPResponse | None]:
+    async def _stepwise(self, attempt: _Attempt, pending: Sequence[str]) -> _Round:
         """One transaction, a command and its reply at a time. Returns the recipients accepted,
         those to send again in a new transaction, and the reply to the data (None when no data
-        was sent); every refused recipient has its result in `results`."""
+        was sent); every refused recipient has its result in `attempt.results`."""
+        conn, tx, utf8, results, pieces = attempt.conn, attempt.tx, attempt.utf8, attempt.results, attempt.pieces
         conn.stage = Stage.MAIL
         response = await conn.smtp.execute_command(b"MAIL", *self._mail_args(conn, tx, utf8))
         if response.code != 250:
@@ -593,10 +586,10 @@ class SmtpClient:
         accepted: list[str] = []
         again: list[str] = []
         for rcpt in pending:
-            address = self._rcpt_address(conn, rcpt, utf8, results)
+            address = self._rcpt_address(attempt, rcpt)
             if address is not None:
                 response = await conn.smtp.execute_command(b"RCPT", b"TO:<" + address + b">")
-                self._rcpt_reply(conn, rcpt, response, accepted, again, results)
+                self._rcpt_reply(attempt, rcpt, response, accepted, again)
         if not accepted:
             return [], [], None
         conn.stage = Stage.DATA
@@ -607,19 +600,12 @@ class SmtpClient:
         except aiosmtplib.SMTPDataError as exc:
             return accepted, again, SMTPResponse(exc.code, exc.message)
 
-    async def _pipelined(
-        self,
-        conn: _Connection,
-        tx: Transaction,
-        pending: Sequence[str],
-        utf8: bool,
-        results: dict[str, RcptResult],
-        pieces: Sequence[bytes] | None,
-    ) -> tuple[list[str], list[str], SMTPResponse | None]:
+    async def _pipelined(self, attempt: _Attempt, pending: Sequence[str]) -> _Round:
         """`_stepwise` in two round trips (RFC 2920): MAIL, every RCPT and DATA in one write,
         their replies, then the data and its reply."""
+        conn, tx, utf8, results, pieces = attempt.conn, attempt.tx, attempt.utf8, attempt.results, attempt.pieces
         assert pieces is not None
-        addresses = {r: a for r in pending if (a := self._rcpt_address(conn, r, utf8, results)) is not None}
+        addresses = {r: a for r in pending if (a := self._rcpt_address(attempt, r)) is not None}
         if not addresses:
             return [], [], None
         group = [b"MAIL " + b" ".join(self._mail_args(conn, tx, utf8))]
@@ -639,7 +625,7 @@ class SmtpClient:
             for rcpt in addresses:
                 response = await pipe.reply()
                 if mail.code == 250:
-                    self._rcpt_reply(conn, rcpt, response, accepted, again, results)
+                    self._rcpt_reply(attempt, rcpt, response, accepted, again)
             if mail.code != 250:  # every RCPT was refused for want of a MAIL: MAIL's reply says why
                 self._conclude(results, conn, list(addresses), mail.code, mail.message, Stage.MAIL)
             conn.stage = Stage.DATA
@@ -663,29 +649,23 @@ class SmtpClient:
             raise _Stale
         conn.rset_due = False
 
-    def _rcpt_address(self, conn: _Connection, rcpt: str, utf8: bool, results: dict[str, RcptResult]) -> bytes | None:
+    def _rcpt_address(self, attempt: _Attempt, rcpt: str) -> bytes | None:
         """The address for RCPT TO; None, with the recipient's result, when it cannot go."""
-        address = _address(rcpt, utf8)
+        address = _address(rcpt, attempt.utf8)
         if address is None:
             reply = Reply(0, "5.1.3", f"recipient address {rcpt!r} cannot be sent over SMTP here")
-            results[rcpt] = self._result(rcpt, conn, Outcome.PERMANENT, reply)
+            attempt.results[rcpt] = self._result(rcpt, attempt.conn, Outcome.PERMANENT, reply)
         return address
 
     def _rcpt_reply(
-        self,
-        conn: _Connection,
-        rcpt: str,
-        response: SMTPResponse,
-        accepted: list[str],
-        again: list[str],
-        results: dict[str, RcptResult],
+        self, attempt: _Attempt, rcpt: str, response: SMTPResponse, accepted: list[str], again: list[str]
     ) -> None:
         """Sort one recipient by the reply to its RCPT: accepted, refused, or refused for now but
         to be sent again in the next transaction."""
         if response.code in (250, 251):
             accepted.append(rcpt)
             return
-        self._conclude(results, conn, [rcpt], response.code, response.message, Stage.RCPT)
+        self._conclude(attempt.results, attempt.conn, [rcpt], response.code, response.message, Stage.RCPT)
         if accepted and retry_in_next_transaction(response.code, Stage.RCPT):
             again.append(rcpt)
 
@@ -728,6 +708,22 @@ class SmtpClient:
         if utf8:
             args.append(b"SMTPUTF8")
         return args
+
+
+@dataclass(frozen=True, slots=True)
+class _Attempt:
+    """One transaction on one connection: what each of its rounds needs."""
+
+    conn: _Connection
+    tx: Transaction
+    utf8: bool  # SMTPUTF8 goes with MAIL
+    pieces: list[bytes] | None  # the body in its wire form (`wire_data`); None: SMTP.data() normalises it
+    results: dict[str, RcptResult]  # filled in as replies come
+
+
+# A round of a transaction: the recipients accepted, those for the next transaction, the reply
+# to the data (None: no data was sent).
+_Round = tuple[list[str], list[str], SMTPResponse | None]
 
 
 class _Stale(Exception):
