@@ -7,18 +7,22 @@ back from its files.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import smtplib
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from prometheus_client import REGISTRY
 
+from services.delivery.classify import Outcome, RcptResult
+from services.delivery.routing import Hop
+from services.delivery.smtp_client import SmtpClient, Transaction
 from services.receiver.app import Receiver
 from shared.envelope import Direction
 from shared.errors import SpoolError
@@ -235,6 +239,44 @@ def test_pipelined_transactions(receiver: Receiver, spool: SpoolTransport) -> No
         (("one@example.test",), b"Subject: one\r\n\r\n1\r\n"),
         (("two@example.test",), b"Subject: two\r\n\r\n2\r\n"),
     ]
+
+
+def accepted_connections() -> float:
+    return REGISTRY.get_sample_value("smtpgw_receiver_connections_total", {"result": "accepted"}) or 0.0
+
+
+def test_delivery_pipelines_into_a_receiver(receiver: Receiver, spool: SpoolTransport) -> None:
+    """smtpgw's delivery client in front of smtpgw's receiver (one gateway relaying to another):
+    RSET, MAIL, both RCPTs and DATA in one write on the pooled connection, each recipient
+    answered on its own."""
+
+    async def run() -> list[list[RcptResult]]:
+        client = SmtpClient("gw.example.test", 5.0)
+
+        async def hops() -> list[Hop]:
+            return [Hop("127.0.0.1", "127.0.0.1", receiver.port)]
+
+        async def delivered(_rcpts: Sequence[str]) -> None:
+            return None
+
+        try:
+            return [
+                await client.send("dest", hops, Transaction("a@sender.example", rcpts, MESSAGE), delivered)
+                for rcpts in (("one@example.test", "x@evil.example"), ("two@example.test",))
+            ]
+        finally:
+            await client.aclose()
+
+    before = accepted_connections()
+    first, second = asyncio.run(run())
+    assert [(r.outcome, r.reply.code) for r in first + second] == [
+        (Outcome.DELIVERED, 250),
+        (Outcome.PERMANENT, 550),
+        (Outcome.DELIVERED, 250),
+    ]
+    stored_rcpts = sorted(env.rcpt_to for env, body in stored(spool) if split_trace(body)[1] == MESSAGE)
+    assert stored_rcpts == [("one@example.test",), ("two@example.test",)]
+    assert accepted_connections() - before == 1  # the second transaction went on the pooled connection
 
 
 def test_a_long_pipelined_group_is_answered_in_order(receiver: Receiver) -> None:
