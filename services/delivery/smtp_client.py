@@ -548,9 +548,9 @@ class SmtpClient:
         send = self._pipelined if pipelined else self._stepwise
         pending = list(tx.rcpts)
         conn.stage = Stage.MAIL
-        if conn.rset_due and not pipelined:
-            self._rset(conn, await _replied(conn.smtp.execute_command(b"RSET")))
         try:
+            if conn.rset_due and not pipelined:
+                self._rset(conn, await conn.smtp.execute_command(b"RSET"))
             while pending:
                 accepted, again, final = await send(attempt, pending)
                 if final is None:  # MAIL or every RCPT refused: nothing was sent
@@ -565,6 +565,8 @@ class SmtpClient:
                 for rcpt in again:
                     del results[rcpt]
         except (aiosmtplib.SMTPException, OSError) as exc:
+            if conn.rset_due:  # the pooled session failed before its RSET was answered: nothing counted
+                raise _Stale from None
             conn.broken = True
             why = f"lost connection with {conn.hop.relay} during {conn.stage}: {_reason(exc)}"
             reply = Reply(0, BAD_CONNECTION, why)
@@ -618,7 +620,7 @@ class SmtpClient:
         with _Pipeline(conn.smtp) as pipe:
             pipe.write(b"".join(command + b"\r\n" for command in group))
             if conn.rset_due:
-                self._rset(conn, await _replied(pipe.reply()))
+                self._rset(conn, await pipe.reply())
             conn.stage = Stage.MAIL
             mail = await pipe.reply()
             conn.stage = Stage.RCPT
@@ -643,9 +645,10 @@ class SmtpClient:
             return accepted, again, await pipe.reply()
 
     @staticmethod
-    def _rset(conn: _Connection, response: SMTPResponse | None) -> None:
-        """Conclude the RSET a pooled session owes; raises _Stale when it got no 250."""
-        if response is None or response.code != 250:
+    def _rset(conn: _Connection, response: SMTPResponse) -> None:
+        """Conclude the RSET a pooled session owes; raises _Stale unless it got a 250. (A session
+        that fails before the reply is _Stale too: `_transact` checks `rset_due`.)"""
+        if response.code != 250:
             raise _Stale
         conn.rset_due = False
 
@@ -728,14 +731,6 @@ _Round = tuple[list[str], list[str], SMTPResponse | None]
 
 class _Stale(Exception):
     """Internal: a pooled session failed its RSET, before any part of the transaction counted."""
-
-
-async def _replied(reading: Awaitable[SMTPResponse]) -> SMTPResponse | None:
-    """The reply `reading` gets; None when the session failed first (dropped, timed out, garbled)."""
-    try:
-        return await reading
-    except (aiosmtplib.SMTPException, OSError):
-        return None
 
 
 class _HopsFailed(Exception):
