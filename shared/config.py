@@ -349,6 +349,7 @@ class DeliveryConfig:
     dns_timeout: float = setting("10s", parse_duration)
     mx_port: int = setting(25, _int(1))
     ledger: str = setting("file", _ledger)
+    pipelining: bool = setting(True, _bool)
 
 
 @dataclass(frozen=True, slots=True)

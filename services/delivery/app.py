@@ -123,7 +123,7 @@ class Delivery:
         self._busy_lock = threading.Lock()
         self._now = clock or (lambda: datetime.now(UTC))
         self._rng = rng or random.Random()
-        self._client = SmtpClient(self._helo, self._config.timeout)
+        self._client = SmtpClient(self._helo, self._config.timeout, pipelining=self._config.pipelining)
         self._resolver = MxResolver(
             self._config.nameservers,
             self._config.dns_timeout,

@@ -310,6 +310,7 @@ class SmtpClient:
         tls_context: ssl.SSLContext | None = None,
         max_idle: int = 4,
         idle_time: float = 10.0,
+        pipelining: bool = True,
         reuse_time: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -323,6 +324,7 @@ class SmtpClient:
         self._idle_time = idle_time
         self._reuse_time = reuse_time
         self._clock = clock
+        self._pipelining = pipelining  # [delivery] pipelining: use PIPELINING where offered
         self._idle: dict[str, list[_Connection]] = {}
         self._reaper: asyncio.Task[None] | None = None
 
@@ -357,7 +359,8 @@ class SmtpClient:
             return [results[r] for r in tx.rcpts]
 
     async def aclose(self) -> None:
-        """Close every pooled connection (QUIT, then close)."""
+        """Close every pooled connection (QUIT, then close) and wait, a few seconds at most, until
+        the sockets are closed."""
         if self._reaper is not None:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -365,7 +368,14 @@ class SmtpClient:
             self._reaper = None
         idle = [c for conns in self._idle.values() for c in conns]
         self._idle.clear()
+        protocols = [c.smtp.protocol for c in idle if c.smtp.protocol is not None]
         await asyncio.gather(*(self._quit(c) for c in idle))
+        # A TLS session's socket closes only once the peer has answered our close_notify (asyncio's
+        # SSL shutdown); an event loop stopped before that (the delivery service stopping) would
+        # leave it open. aiosmtplib clears a protocol's transport when the connection is gone.
+        deadline = time.monotonic() + min(self._timeout, 5.0)
+        while any(p.transport is not None for p in protocols) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
 
     # ------------------------------------------------------------ results
 
@@ -544,7 +554,7 @@ class SmtpClient:
             return {r: self._result(r, conn, Outcome.PERMANENT, problem) for r in tx.rcpts}
         attempt = _Attempt(conn, tx, utf8, wire_data(tx.body), results)
         # A body with bare line ends goes through SMTP.data(), which normalises it, step by step.
-        pipelined = attempt.pieces is not None and conn.smtp.supports_extension("pipelining")
+        pipelined = self._pipelining and attempt.pieces is not None and conn.smtp.supports_extension("pipelining")
         send = self._pipelined if pipelined else self._stepwise
         pending = list(tx.rcpts)
         conn.stage = Stage.MAIL

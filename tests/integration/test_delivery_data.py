@@ -67,13 +67,13 @@ def send(port: int, body: bytes, *, timeout: float = 5.0, rcpts: Sequence[str] =
 
 
 def send_all(
-    port: int, transactions: Sequence[tuple[bytes, Sequence[str]]], *, timeout: float = 5.0
+    port: int, transactions: Sequence[tuple[bytes, Sequence[str]]], *, timeout: float = 5.0, pipelining: bool = True
 ) -> list[list[RcptResult]]:
     """(body, recipients) transactions one after the other through one SmtpClient, which reuses
     its connection while it can."""
 
     async def run() -> list[list[RcptResult]]:
-        client = SmtpClient("gw.example.test", timeout)
+        client = SmtpClient("gw.example.test", timeout, pipelining=pipelining)
 
         async def hops() -> list[Hop]:
             return [Hop("127.0.0.1", "127.0.0.1", port)]
@@ -160,15 +160,19 @@ class WireServer:
     With `pipelining` it offers PIPELINING and holds its replies to MAIL and RCPT until DATA
     comes, then sends them all in one write with the reply to DATA (RFC 2920 section 3.2 lets a
     server buffer them; it must flush once its input is empty, which here is when the group
-    ends). A client that waits for each reply before its next command hangs against it.
-    `drop_at` is a command it answers by closing the connection."""
+    ends). A client that waits for each reply before its next command hangs against it. With
+    `hold` False it offers PIPELINING but answers each command at once. `ahead` lists the MAIL
+    and RCPT commands after which the client had already sent more (it did not wait for the
+    reply). `drop_at` is a command it answers by closing the connection."""
 
     data_reply: bytes = b"354 go ahead"
     final_reply: bytes | None = b"250 2.0.0 taken"
     mail_reply: bytes = b"250 ok"
     rcpt_replies: dict[bytes, bytes] = field(default_factory=dict)
     pipelining: bool = False
+    hold: bool = True
     drop_at: bytes = b""
+    ahead: list[bytes] = field(default_factory=list)
     phases: list[bytes] = field(default_factory=list)
     sessions: int = 0
     port: int = 0
@@ -208,7 +212,7 @@ class WireServer:
     def _session(self, conn: socket.socket) -> None:
         with conn, contextlib.suppress(OSError):
             conn.settimeout(30)
-            reader = conn.makefile("rb")
+            reader = _Lines(conn)
             conn.sendall(b"220 wire.test ESMTP\r\n")
             held: list[bytes] = []
             while line := reader.readline():
@@ -231,14 +235,16 @@ class WireServer:
                 elif verb in (b"MAIL", b"RCPT"):
                     address = line[line.find(b"<") + 1 : line.find(b">")]
                     reply = self.mail_reply if verb == b"MAIL" else self.rcpt_replies.get(address, b"250 ok")
-                    if self.pipelining:
+                    if reader.pending:
+                        self.ahead.append(verb)
+                    if self.pipelining and self.hold:
                         held.append(reply + b"\r\n")
                     else:
                         conn.sendall(reply + b"\r\n")
                 else:
                     conn.sendall(b"250 ok\r\n")
 
-    def _read_data(self, conn: socket.socket, reader: Any) -> None:
+    def _read_data(self, conn: socket.socket, reader: _Lines) -> None:
         data = b""
         while not (data.endswith(b"\r\n.\r\n") or data == b".\r\n"):
             line = reader.readline()
@@ -250,6 +256,29 @@ class WireServer:
             self._stop.wait(30)  # never answer: the client must time out
             return
         conn.sendall(self.final_reply + b"\r\n")
+
+
+class _Lines:
+    """Lines from a socket, through a buffer of our own, so the server can tell whether the
+    client sent more than the line it is answering (`pending`)."""
+
+    def __init__(self, conn: socket.socket) -> None:
+        self._conn = conn
+        self._buffer = b""
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._buffer)
+
+    def readline(self) -> bytes:
+        while (end := self._buffer.find(b"\n")) < 0:
+            chunk = self._conn.recv(65536)
+            if not chunk:
+                line, self._buffer = self._buffer, b""
+                return line
+            self._buffer += chunk
+        line, self._buffer = self._buffer[: end + 1], self._buffer[end + 1 :]
+        return line
 
 
 @contextlib.contextmanager
@@ -438,3 +467,16 @@ def test_pooled_session_that_fails_its_rset_is_replaced(pipelining: bool) -> Non
     assert [r.outcome for r in first + second] == [Outcome.DELIVERED] * 2
     assert wire.phases == [body + b".\r\n"] * 2
     assert wire.sessions == 2
+
+
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelining on", "pipelining off"])
+def test_pipelining_setting(pipelining: bool) -> None:
+    """`[delivery] pipelining = false` sends one command at a time even to a server that offers
+    PIPELINING (for a next hop that gets it wrong)."""
+    body = b"Subject: x\r\n\r\nbody\r\n"
+    with wire_server(pipelining=True, hold=False) as wire:
+        (results,) = send_all(wire.port, [(body, (RCPT, "b@example.test"))], pipelining=pipelining)
+    assert [r.outcome for r in results] == [Outcome.DELIVERED] * 2
+    assert wire.phases == [body + b".\r\n"]
+    # Pipelined, MAIL and each RCPT had the rest of the group behind them; otherwise nothing did.
+    assert wire.ahead == ([b"MAIL", b"RCPT", b"RCPT"] if pipelining else [])
