@@ -372,9 +372,10 @@ class SmtpClient:
         await asyncio.gather(*(self._quit(c) for c in idle))
         # A TLS session's socket closes only once the peer has answered our close_notify (asyncio's
         # SSL shutdown); an event loop stopped before that (the delivery service stopping) would
-        # leave it open. aiosmtplib clears a protocol's transport when the connection is gone.
+        # leave it open. aiosmtplib clears a protocol's transport when the connection is gone but
+        # has no callback for it, hence the poll (at shutdown only, bounded).
         deadline = time.monotonic() + min(self._timeout, 5.0)
-        while any(p.transport is not None for p in protocols) and time.monotonic() < deadline:
+        while any(p.transport is not None for p in protocols) and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.01)
 
     # ------------------------------------------------------------ results
