@@ -247,8 +247,8 @@ def accepted_connections() -> float:
 
 def test_delivery_pipelines_into_a_receiver(receiver: Receiver, spool: SpoolTransport) -> None:
     """smtpgw's delivery client in front of smtpgw's receiver (one gateway relaying to another):
-    RSET, MAIL, both RCPTs and DATA in one write on the pooled connection, each recipient
-    answered on its own."""
+    MAIL, the RCPTs and DATA in one write (an RSET ahead of them on the pooled connection), each
+    recipient answered on its own."""
 
     async def run() -> list[list[RcptResult]]:
         client = SmtpClient("gw.example.test", 5.0)
