@@ -62,7 +62,6 @@ LEDGER_RETRY = 30.0
 # Another worker of this process is delivering a copy of the same message (a scanner that died
 # after its output was confirmed but before its ack leaves two): wait for it, then ask the ledger.
 BUSY_RETRY = 2.0
-LEDGER_THREADS = 4
 
 
 class _LoopThread:
@@ -136,9 +135,11 @@ class Delivery:
         self._purge_lock = threading.Lock()
         self._next_purge = 0.0
         self._closed = False
-        # Ledger records run on these while the loop goes on; the ledger group-commits the
-        # records that arrive together, so a few threads are enough.
-        self._loop = _LoopThread("delivery-loop", offload_threads=LEDGER_THREADS)
+        # Ledger records run on these while the loop goes on: one per job in flight (the
+        # delivery threads and the bounce consumer's), since a record that waits for a free
+        # thread is not written yet, and a crash then sends its message again. The ledger
+        # group-commits the records that arrive together, so the threads share the disk's syncs.
+        self._loop = _LoopThread("delivery-loop", offload_threads=config.delivery.threads + 1)
 
     # ------------------------------------------------------------ deliver
 

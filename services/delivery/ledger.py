@@ -81,10 +81,11 @@ class FileLedger:
     segment of its own, which it holds an exclusive flock on while it writes it, and
     starts a new one every UTC day and every `SEGMENT_BYTES`. So:
 
-    - Threads recording at once share one write and one fdatasync (group commit, as
-      a database shares a log flush): the first of them to find no flush running
-      writes everything queued so far, and the others wait for that flush to cover
-      theirs. `record` returns only once its lines are on disk.
+    - Each record is written at once (a crash of the process no longer loses it),
+      and threads recording at once share one fdatasync (group commit, as a database
+      shares a log flush): the first of them to find no sync running syncs everything
+      written so far, and the others wait for a sync that began after their write.
+      `record` returns only once its lines are on disk.
     - A crash mid-append leaves a last line without its newline: it was never
       acknowledged, and readers ignore it. Nothing is ever appended after it, since
       no process writes to another's segment, nor to its own after a failed write.
@@ -111,12 +112,13 @@ class FileLedger:
         self._dir_mtime = -1
         # The writer: this process's segment, guarded by _commit (group commit).
         self._commit = threading.Condition(threading.Lock())
-        self._queued = _Batch()
-        self._flushing = False
+        self._pending = _Batch()  # written, waiting for a sync
+        self._syncing = False  # a thread is syncing (outside the lock)
         self._own: _Segment | None = None
         self._own_fd = -1
         self._own_day = ""
         self._own_size = 0
+        self._own_torn = False  # a write to it failed: start another
         try:
             os.makedirs(self.journal_dir, exist_ok=True)
             self._legacy = any(QUEUE_ID.fullmatch(name) and name != JOURNAL_DIR for name in os.listdir(self.directory))
@@ -191,9 +193,9 @@ class FileLedger:
         """Close this process's segment (which lets other processes see it is complete) and
         the segments of others being read."""
         with self._commit:
-            while self._flushing:
+            while self._syncing:
                 self._commit.wait()
-            self._close_own()
+            self._retire_own(None)
         with self._lock:
             for segment in self._segments.values():
                 segment.close()
@@ -201,56 +203,92 @@ class FileLedger:
     # ------------------------------------------------------------ writing
 
     def _append(self, data: bytes) -> _Segment:
-        """Queue `data` for the next flush and wait until a flush covered it."""
+        """Write `data` at once, then wait until an fdatasync covered it.
+
+        The write comes first, under the lock: from then on the record outlives a crash of
+        this process (kill -9, the OOM killer), which is by far the likelier crash, and only
+        a crash of the machine can still lose it before the sync. (A write that waited for the
+        sync before it left every message delivered meanwhile to be sent again after a kill -9:
+        on a slow disk, one per delivery thread.) The sync is shared: the first thread to find
+        none running syncs everything written so far, the others wait for it (group commit)."""
         with self._commit:
-            batch = self._queued
-            batch.data.append(data)
-            while not batch.done:
-                if self._flushing:
+            segment = self._write(data)
+            batch = self._pending
+            while self._fsync and not batch.done:
+                if self._syncing:
                     self._commit.wait()
                     continue
-                # No flush running: this thread writes everything queued so far.
-                self._flushing = True
-                self._queued = _Batch()
+                # No sync running: this thread syncs what every thread wrote so far.
+                self._syncing = True
+                self._pending = _Batch()
+                fd = self._own_fd
+                own = self._own
                 self._commit.release()
                 try:
-                    self._flush(batch)
+                    os.fdatasync(fd)
+                    batch.synced = True
+                except OSError as exc:
+                    batch.error = exc
                 finally:
                     self._commit.acquire()
-                    self._flushing = False
+                    self._syncing = False
                     batch.done = True
                     self._commit.notify_all()
+                if batch.error is not None and self._own is own:
+                    # Whether anything written to this segment reached the disk is unknown now
+                    # (a later fsync may not report the lost pages again): fail what waits, too.
+                    self._retire_own(batch.error)
         if batch.error is not None:
             raise OSError(batch.error.errno, batch.error.strerror)
-        if batch.segment is None:  # the flushing thread died of something else
-            raise OSError(errno.EIO, "the flush of the journal failed")
-        return batch.segment
+        if self._fsync and not batch.synced:  # the syncing thread died of something else
+            raise OSError(errno.EIO, "the sync of the journal failed")
+        return segment
 
-    def _flush(self, batch: _Batch) -> None:
-        """Write and fdatasync one batch (only the flushing thread runs this)."""
+    def _write(self, data: bytes) -> _Segment:
+        """Append `data` to this process's segment (called with _commit held)."""
+        while self._own is not None and (self._own_torn or self._rotation_due()):
+            if self._syncing:  # its fd stays open until that sync is done
+                self._commit.wait()
+                continue
+            self._retire_own(None)
+        segment, fd = self._writable()
         try:
-            segment, fd = self._writable()
-            data = b"".join(batch.data)
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
-            self._own_size += len(data)
-            if self._fsync:
-                os.fdatasync(fd)
-            batch.segment = segment
-        except OSError as exc:
+        except OSError:
             # What reached the file is true (each line follows a 250), but its end is unknown:
-            # never append to this segment again.
-            self._close_own()
-            batch.error = exc
+            # nothing is appended to this segment again (what others wrote to it is still synced).
+            self._own_torn = True
+            raise
+        self._own_size += len(data)
+        self._pending.written = True
+        return segment
+
+    def _rotation_due(self) -> bool:
+        return _utc_day(time.time()) != self._own_day or self._own_size >= SEGMENT_BYTES
+
+    def _retire_own(self, error: OSError | None) -> None:
+        """Close this process's segment, no sync running (called with _commit held). What was
+        written to it and waits for a sync is synced now, or fails with `error`."""
+        batch, self._pending = self._pending, _Batch()
+        if batch.written and not batch.done:
+            if error is None and self._fsync:
+                try:
+                    os.fdatasync(self._own_fd)
+                    batch.synced = True
+                except OSError as exc:
+                    error = exc
+            batch.error = error
+            batch.done = True
+            self._commit.notify_all()
+        self._close_own()
 
     def _writable(self) -> tuple[_Segment, int]:
-        """This process's segment, started anew on a new UTC day or when it is full."""
-        now = time.time()
-        day = time.strftime("%Y%m%d", time.gmtime(now))
-        if self._own is not None and (day != self._own_day or self._own_size >= SEGMENT_BYTES):
-            self._close_own()
+        """This process's segment; a new one when there is none."""
         if self._own is None:
+            now = time.time()
+            day = _utc_day(now)
             stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now))
             name = f"{stamp}-{os.getpid()}-{secrets.token_hex(4)}{_JOURNAL}"
             path = os.path.join(self.journal_dir, name)
@@ -270,6 +308,7 @@ class FileLedger:
                 os.close(fd)
                 raise
             self._own, self._own_fd, self._own_day, self._own_size = segment, fd, day, 0
+            self._own_torn = False
         return self._own, self._own_fd
 
     def _close_own(self) -> None:
@@ -367,6 +406,10 @@ def _line(queue_id: str, rcpt: str) -> bytes | None:
     return queue_id.encode("ascii") + b" " + rcpt.encode("utf-8", "surrogatepass")
 
 
+def _utc_day(t: float) -> str:
+    return time.strftime("%Y%m%d", time.gmtime(t))
+
+
 def _fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -383,12 +426,12 @@ def _unlink_if_older(path: str, cutoff: float) -> None:
 
 @dataclass(eq=False)
 class _Batch:
-    """Lines queued for one flush, and how the flush went."""
+    """Lines written since the last sync began, and how their sync went."""
 
-    data: list[bytes] = field(default_factory=list)
+    written: bool = False
     done: bool = False
+    synced: bool = False
     error: OSError | None = None
-    segment: _Segment | None = None
 
 
 @dataclass(eq=False)

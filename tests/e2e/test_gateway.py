@@ -316,7 +316,8 @@ def test_kill_9_after_250_loses_nothing(
     make_gateway: MakeGateway, downstream: tuple[CaptureHandler, int], clamd_address: str
 ) -> None:
     handler, port = downstream
-    gw = make_gateway(base_sections(port, clamd_address))
+    sections = base_sections(port, clamd_address)
+    gw = make_gateway(sections)
     first = gw.run_all()
     accepted: list[str] = []  # subjects that got their 250
     lock = threading.Lock()
@@ -354,8 +355,11 @@ def test_kill_9_after_250_loses_nothing(
         f"lost={len(missing)} duplicated={duplicates}"
     )
     assert not missing, f"lost after kill -9: {sorted(missing)}"
-    # Only the at-least-once window (delivered downstream, not yet recorded) may duplicate.
-    assert duplicates <= 2, f"{duplicates} duplicates"
+    # Only the at-least-once window (the downstream server has the message, the ledger's write
+    # has not happened yet: milliseconds, more on a busy host) may duplicate: one message per
+    # delivery thread at most. (CI once saw 4 with 4 threads, when a record still waited for the
+    # previous record's fsync before it was written.)
+    assert duplicates <= sections["delivery"]["threads"], f"{duplicates} duplicates"
 
 
 def test_clamd_down_holds_mail_until_it_is_back(

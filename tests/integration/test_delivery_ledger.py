@@ -26,7 +26,7 @@ from shared.config import Config, load_config
 from shared.envelope import Client, Envelope, new_queue_id
 from shared.errors import ConfigError, RetryLater
 from shared.transport import Job, Queue
-from tests.support import capture_server, free_port, missing
+from tests.support import capture_server, free_port, missing, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -260,6 +260,14 @@ elif mode == "load":
     threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
     for t in threads: t.start()
     for t in threads: t.join()
+elif mode == "slow-sync":
+    # The disk's sync never ends: records wait in `record`, written but not acknowledged.
+    stuck = threading.Event()
+    ledger_module.os.fdatasync = lambda fd: stuck.wait()
+    for i in range(3):
+        threading.Thread(target=ledger.record, args=(f"S{i}", ["a@example.test"])).start()
+    say("recording")
+    stuck.wait()
 elif mode == "serve":
     for line in sys.stdin:  # record each queue id the parent sends, until stdin closes
         ledger.record(line.strip(), ["a@example.test"])
@@ -316,6 +324,25 @@ def test_process_killed_under_load_keeps_every_acknowledged_record(tmp_path: Pat
     assert missing == []
     assert all(reopened.was_delivered(q, f"b{q.split('.')[1]}@example.test") for q in acked)
     assert not reopened.was_delivered("T9.0", "a@example.test")
+
+
+def test_process_killed_while_the_disk_syncs_keeps_what_it_wrote(tmp_path: Path) -> None:
+    """A record is written before it waits for the shared sync: killed during a slow fsync, the
+    process leaves every record in the page cache (the second and third were written while the
+    first one's sync ran), so a restarted delivery does not send those messages again."""
+    directory = tmp_path / "delivered"
+    reader = FileLedger(str(directory), fsync=False)
+    written = [f"S{i}" for i in range(3)]
+    with child(directory, "slow-sync") as proc:
+        try:
+            assert proc.stdout is not None
+            assert proc.stdout.readline() == "recording\n"
+            assert wait_until(lambda: all(reader.was_delivered(q, "a@example.test") for q in written), timeout=15)
+        finally:
+            proc.kill()  # it never ends by itself
+        assert proc.wait(30) == -signal.SIGKILL
+    reopened = FileLedger(str(directory))
+    assert all(reopened.was_delivered(q, "a@example.test") for q in written)
 
 
 def test_a_record_by_another_process_is_seen_at_once(tmp_path: Path) -> None:

@@ -100,7 +100,7 @@ def test_uuencoded_blocks_in_text_parts() -> None:
         (b"begin 644 x.txt\nthis is not uuencoded at all\n", []),
         (b"begin 644 x.exe\n", []),
         # Only at the start of a line: not after other text, not after a CR alone, not indented.
-        (b"x begin 644 a.bin\n" + uuencode("a.bin", b"abc")[len(b"begin 644 a.bin\n"):], []),
+        (b"x begin 644 a.bin\n" + uuencode("a.bin", b"abc")[len(b"begin 644 a.bin\n") :], []),
         (b"text\r" + uuencode("a.bin", b"abc"), []),
         (b"  " + uuencode("a.bin", b"abc"), []),
         # A "begin" inside a line does not hide the one that starts the next line.
