@@ -1,6 +1,7 @@
 """Line endings of SMTP data (RFC 5321 §2.3.8): every line ends in CRLF, and CR and LF appear
-nowhere else. The receiver refuses messages that break this; delivery checks it again before
-it writes a message to the wire as it is (the scanner may have rebuilt it)."""
+nowhere else. The receiver refuses messages that break this, and the envelope of what it
+accepts says so (`Envelope.crlf_clean`; the scanner checks again a body it rebuilds); delivery
+checks any body without that mark before it writes it to the wire as it is."""
 
 from __future__ import annotations
 

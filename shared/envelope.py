@@ -104,6 +104,11 @@ class Envelope:
     failures: tuple[RecipientFailure, ...] = ()  # set on the way to the bounce queue
     parent_id: str = ""  # for DSNs and notifications: the message they are about
     last_error: str = ""  # why the last attempt failed (deferral reply, crash reason)
+    # True only where the body was made and `shared.crlf.bare_newline` found every line ending
+    # in CRLF (the receiver, the scanner when it rebuilds a body): delivery then sends the body
+    # as it is without checking it again. False (every other producer, older versions) costs
+    # delivery that check. Whoever changes a body must set it anew.
+    crlf_clean: bool = False
     schema: int = SCHEMA
 
     def replace(self, **changes: Any) -> Envelope:
@@ -176,6 +181,7 @@ def decode(data: bytes) -> Envelope:
             failures=tuple(RecipientFailure(**f) for f in raw.get("failures", ())),
             parent_id=str(raw.get("parent_id", "")),
             last_error=str(raw.get("last_error", "")),
+            crlf_clean=raw.get("crlf_clean") is True,
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise EnvelopeDecodeError(f"envelope is malformed: {exc!r}") from None

@@ -233,7 +233,9 @@ class Delivery:
             except (SpoolError, ValueError, OSError):
                 log.exception("queue_id=%s cannot record delivered recipients; a retry may duplicate", env.queue_id)
 
-        tx = Transaction(env.mail_from, rcpts, body, smtputf8=env.smtputf8, eight_bit=env.eight_bit)
+        tx = Transaction(
+            env.mail_from, rcpts, body, smtputf8=env.smtputf8, eight_bit=env.eight_bit, crlf_clean=env.crlf_clean
+        )
         started = time.monotonic()
         try:
             return await self._client.send(dest.key, hops, tx, delivered)

@@ -39,6 +39,7 @@ from services.receiver.smtp import ReceiverSMTP, Transaction
 from services.receiver.trace import protocol, received_header
 from shared import metrics
 from shared.config import Config
+from shared.crlf import bare_newline
 from shared.envelope import Client, Direction, Envelope, new_queue_id
 from shared.logging import bound, event
 from shared.offload import Offload
@@ -197,23 +198,24 @@ class ReceiverHandler:
         client = self.client(server, session)
         rcpt_to = tuple(envelope.rcpt_tos)
         with bound(queue_id=queue_id):
-            body = (
-                received_header(
-                    helo=client.helo,
-                    ip=client.ip,
-                    hostname=self._settings.hostname,
-                    queue_id=queue_id,
-                    with_protocol=protocol(
-                        esmtp=bool(session.extended_smtp),
-                        tls=client.tls,
-                        authenticated=bool(client.authenticated),
-                        smtputf8=bool(envelope.smtp_utf8),
-                    ),
-                    recipients=rcpt_to,
-                    received_at=received_at,
-                )
-                + result.content
+            header = received_header(
+                helo=client.helo,
+                ip=client.ip,
+                hostname=self._settings.hostname,
+                queue_id=queue_id,
+                with_protocol=protocol(
+                    esmtp=bool(session.extended_smtp),
+                    tls=client.tls,
+                    authenticated=bool(client.authenticated),
+                    smtputf8=bool(envelope.smtp_utf8),
+                ),
+                recipients=rcpt_to,
+                received_at=received_at,
             )
+            body = header + result.content
+            # read_data refused the content if it broke a line ending; the header is checked
+            # here (a few hundred octets) rather than trusted, since it carries the client's HELO.
+            crlf_clean = not bare_newline(header)
             direction = Direction.OUTGOING if client.relay else Direction.INCOMING
             smtputf8 = bool(envelope.smtp_utf8)
             eight_bit = "BODY=8BITMIME" in envelope.mail_options
@@ -232,6 +234,7 @@ class ReceiverHandler:
                     smtputf8=smtputf8,
                     eight_bit=eight_bit,
                     expires_at=received_at + self._lifetime,
+                    crlf_clean=crlf_clean,
                 )
                 self._transport.publish(Queue.SCAN, message, body)
                 return message

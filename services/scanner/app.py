@@ -31,6 +31,7 @@ from services.scanner.reply import VirusScanner
 from services.scanner.rules import LiveRules
 from shared.clamd import ClamdClient
 from shared.config import Config
+from shared.crlf import bare_newline
 from shared.envelope import Action
 from shared.errors import RetryLater, ScanError, ScanLimitExceeded
 from shared.logging import bound, event
@@ -95,7 +96,12 @@ def outputs_for(job: Job, outcome: Outcome) -> list[Output]:
             # in the "scanned" log line). Only the scanner moves files from scan to deliver.
             return [Output(Queue.DELIVER, env, job.body)]
         return [Output(Queue.DELIVER, env.replace(verdicts=verdicts), job.body)]
-    delivered = env.replace(verdicts=verdicts, size=len(outcome.body), sha256=hashlib.sha256(outcome.body).hexdigest())
+    delivered = env.replace(
+        verdicts=verdicts,
+        size=len(outcome.body),
+        sha256=hashlib.sha256(outcome.body).hexdigest(),
+        crlf_clean=not bare_newline(outcome.body),  # a new body is checked anew (rare: a part was removed)
+    )
     if outcome.action is Action.DELIVER:  # findings the policy delivers anyway: only a header was added
         return [Output(Queue.DELIVER, delivered, outcome.body)]
     original = env.replace(queue_id=f"{env.queue_id}.q", parent_id=env.queue_id, verdicts=verdicts)

@@ -90,6 +90,7 @@ def test_accepts_and_stores_durably(receiver: Receiver, spool: SpoolTransport) -
     assert (env.smtputf8, env.eight_bit) == (False, False)
     assert env.size == len(body)
     assert env.sha256 == hashlib.sha256(body).hexdigest()
+    assert env.crlf_clean  # read_data checked the content, the handler its Received header
     assert env.received_at.utcoffset() == timedelta(0)
     assert env.expires_at == env.received_at + timedelta(hours=24)
     trace, message = split_trace(body)

@@ -83,6 +83,15 @@ def test_wire_data_leaves_bare_line_ends_to_aiosmtplib(body: bytes) -> None:
     assert wire_data(body) is None
 
 
+def test_wire_data_does_not_search_a_body_checked_where_it_was_made() -> None:
+    """`crlf_clean` is the producer's word (Envelope.crlf_clean): the body is not searched again,
+    only dot-stuffed."""
+    body = b"Subject: hi\r\n\r\n.body\r\n"
+    assert wire_data(body, crlf_clean=True) == wire_data(body) == [body.replace(b"\r\n.", b"\r\n.."), b".\r\n"]
+    assert wire_data(b"bare LF\nline\r\n", crlf_clean=True) is not None  # trusted, as documented
+    assert wire_data(b"bare LF\nline\r\n") is None
+
+
 def test_wire_data_copies_nothing_when_no_line_needs_stuffing() -> None:
     body = b"Subject: hi\r\n\r\nbody\r\n" * 1000
     pieces = wire_data(body)

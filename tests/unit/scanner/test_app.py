@@ -18,7 +18,7 @@ from tests.unit.scanner.builders import NEEDLE, FakeClamd, mail, raw_mail, setti
 PREVIOUS = Verdict("receiver", "accepted", Action.DELIVER, "earlier step")
 
 
-def job(body: bytes) -> Job:
+def job(body: bytes, *, crlf_clean: bool = False) -> Job:
     env = Envelope(
         queue_id="01JTESTQUEUEID",
         received_at=datetime(2026, 1, 1, tzinfo=UTC),
@@ -28,6 +28,7 @@ def job(body: bytes) -> Job:
         size=len(body),
         sha256=hashlib.sha256(body).hexdigest(),
         verdicts=(PREVIOUS,),
+        crlf_clean=crlf_clean,
     )
     return Job(Queue.SCAN, env, body)
 
@@ -70,6 +71,30 @@ def test_strip_keeps_the_original_in_quarantine() -> None:
     assert delivered.envelope.queue_id == "01JTESTQUEUEID"
     assert delivered.envelope.size == len(new)
     assert delivered.envelope.sha256 == hashlib.sha256(new).hexdigest()
+
+
+@pytest.mark.parametrize("clean", [True, False])
+def test_an_unchanged_body_keeps_its_line_end_check(clean: bool) -> None:
+    j = job(b"Subject: x\r\n\r\nhi\r\n", crlf_clean=clean)
+    finding = Verdict("spam", "spam", Action.DELIVER, "score 6")
+    for out in (
+        *outputs_for(j, outcome(Action.DELIVER, j.body)),
+        *outputs_for(j, outcome(Action.DELIVER, j.body, finding)),
+    ):
+        assert out.envelope.crlf_clean is clean
+
+
+@pytest.mark.parametrize(
+    ("new", "clean"),
+    [(b"Subject: x\r\n\r\nstripped\r\n", True), (b"Subject: x\r\n\r\nstripped\n", False)],
+)
+def test_a_rebuilt_body_is_checked_anew(new: bytes, clean: bool) -> None:
+    """Delivery skips its own search only for a body marked clean: a rebuilt body gets the mark
+    from a check of its own bytes, whatever the original had; the original keeps its own."""
+    j = job(b"Subject: x\r\n\r\noriginal\r\n", crlf_clean=True)
+    held, delivered = outputs_for(j, outcome(Action.STRIP, new, FINDING))
+    assert held.envelope.crlf_clean is True
+    assert delivered.envelope.crlf_clean is clean
 
 
 def test_quarantine_and_delete() -> None:

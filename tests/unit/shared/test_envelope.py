@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -38,12 +39,25 @@ def make() -> Envelope:
         failures=(RecipientFailure("a@example.test", 550, "5.1.1", "no such user", "mx1"),),
         parent_id="PARENT",
         last_error="451 try later",
+        crlf_clean=True,
     )
 
 
 def test_roundtrip_keeps_every_field() -> None:
     env = make()
     assert decode(encode(env)) == env
+
+
+@pytest.mark.parametrize("value", ["absent", None, 1, "true", False])
+def test_only_a_true_crlf_clean_spares_delivery_its_check(value: object) -> None:
+    """An envelope of an older version has no `crlf_clean`; anything but JSON true counts as not
+    checked, so delivery searches the body for bare line ends as before."""
+    raw = json.loads(encode(make()))
+    if value == "absent":
+        del raw["crlf_clean"]
+    else:
+        raw["crlf_clean"] = value
+    assert decode(json.dumps(raw).encode()).crlf_clean is False
 
 
 def test_replace_makes_a_copy() -> None:
