@@ -24,7 +24,7 @@ six times as much. A message with a bare CR or LF (a DSN, a rebuilt or a
 released message could hold one) takes aiosmtplib's own `SMTP.data()`, which
 normalises it. The search for one is skipped for a body whose envelope says
 it was checked where it was made (`Envelope.crlf_clean`: the receiver's, and
-the scanner's rebuilt ones): it cost 7% of the instructions of a message.
+the scanner's rebuilt ones): 70-90 µs of CPU per 82 KB message here.
 
 Connections are kept for reuse per destination (Postfix's connection cache,
 `CONNECTION_CACHE_README`): a pooled connection is checked out by exactly one
