@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client import REGISTRY, CollectorRegistry
 
+from shared import eventloop
 from shared.config import Config
 from shared.metrics import QueueDepthCollector, serve
 from shared.transport import Queue, Transport, open_transport
@@ -127,7 +128,7 @@ def run(config: Config, roles: set[str], threads: int | None = None) -> int:
     log.info("started %s", ", ".join(sorted(roles)))
     try:
         if "receiver" in roles:
-            asyncio.run(_serve_smtp(config, transport))
+            eventloop.run(_serve_smtp(config, transport))
         else:
             _wait_for_signal()
     finally:

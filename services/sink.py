@@ -17,6 +17,7 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP
 
+from shared import eventloop
 from shared.config import HostPort
 
 _counter = itertools.count()
@@ -63,5 +64,5 @@ async def _serve(listen: HostPort, directory: str) -> None:
 
 
 def run_sink(listen: HostPort, directory: str) -> int:
-    asyncio.run(_serve(listen, directory))
+    eventloop.run(_serve(listen, directory))
     return 0

@@ -33,6 +33,7 @@ from services.delivery.ledger import LEDGER_GRACE_SECONDS, DeliveryLedger, open_
 from services.delivery.mx import MxResolver
 from services.delivery.routing import Destination, Hop, group_recipients
 from services.delivery.smtp_client import SmtpClient, Transaction
+from shared import eventloop
 from shared.config import Config
 from shared.envelope import Envelope
 from shared.errors import RetryLater, SpoolError
@@ -69,7 +70,7 @@ class _LoopThread:
     calls (`offload`)."""
 
     def __init__(self, name: str, offload_threads: int) -> None:
-        self.loop = asyncio.new_event_loop()
+        self.loop = eventloop.new_event_loop()
         self.offload = Offload(offload_threads, f"{name}-offload")
         self.offload.start(self.loop)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)

@@ -32,7 +32,7 @@ from multiprocessing.synchronize import Event
 from typing import Any
 
 from services.receiver.limits import SharedCounters
-from shared import metrics
+from shared import eventloop, metrics
 from shared.config import Config
 from shared.errors import GatewayError
 from shared.logging import bind, event, setup
@@ -184,7 +184,7 @@ def run_process(config: Config, port: int, counters: str, slot: int, ready: Even
             log.error("receiver process %d serves no metrics: %s", slot, exc)
     transport = open_transport(config)  # publish only: never start()ed (see the module docstring)
     try:
-        asyncio.run(_serve(config, transport, port, counters, slot, ready, leader))
+        eventloop.run(_serve(config, transport, port, counters, slot, ready, leader))
     finally:
         transport.stop()
 

@@ -35,7 +35,7 @@ import re
 import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, AnyStr, ClassVar
+from typing import Any, AnyStr, ClassVar, cast
 
 from aiosmtpd.smtp import (
     ALLOWED_BEFORE_STARTTLS,
@@ -426,6 +426,12 @@ class ReceiverSMTP(SMTP):
         self._last_input = self.loop.time()  # cheaper than re-arming the idle timer per read
         super().data_received(data)
 
+    @property
+    def _stream_transport(self) -> asyncio.WriteTransport | None:
+        # The connection's transport is a stream's: asyncio's, or uvloop's, whose classes do not
+        # subclass asyncio's (shared/eventloop.py), so isinstance cannot be asked.
+        return cast("asyncio.WriteTransport | None", self.transport)
+
     # ------------------------------------------------------------ idle timer
 
     def _reset_timeout(self, duration: float | None = None) -> None:
@@ -450,8 +456,8 @@ class ReceiverSMTP(SMTP):
         if quiet < self._timeout_duration:
             self._arm(self._timeout_duration - quiet)
             return
-        transport = self.transport
-        if not isinstance(transport, asyncio.WriteTransport) or transport.is_closing():
+        transport = self._stream_transport
+        if transport is None or transport.is_closing():
             return
         event(log, "idle timeout", seconds=self._timeout_duration)
         if transport.get_write_buffer_size():
@@ -499,8 +505,8 @@ class ReceiverSMTP(SMTP):
     async def _flush(self) -> None:
         """Write the queued replies; wait while the client lets them pile up unread (flow control)."""
         self._write_replies()
-        transport = self.transport
-        if isinstance(transport, asyncio.WriteTransport) and transport.get_write_buffer_size():
+        transport = self._stream_transport
+        if transport is not None and transport.get_write_buffer_size():
             await self._writer.drain()
 
     # ------------------------------------------------------------ commands

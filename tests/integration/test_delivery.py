@@ -4,7 +4,6 @@ an untrusted certificate, and the embedded spool transport for the bounce round 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import email
 import email.policy
@@ -26,6 +25,7 @@ from services.delivery.classify import Outcome, RcptResult
 from services.delivery.ledger import FileLedger
 from services.delivery.routing import Hop
 from services.delivery.smtp_client import SmtpClient, Transaction
+from shared import eventloop
 from shared.config import Config, load_config
 from shared.envelope import Action, Client, Direction, Envelope, Verdict, new_queue_id
 from shared.spool import SpoolTransport
@@ -522,7 +522,7 @@ def test_failed_tls_handshake_falls_back_to_plaintext(
         finally:
             await client.aclose()
 
-    (result,) = asyncio.run(run())
+    (result,) = eventloop.run(run())
     assert result.outcome is Outcome.DELIVERED
     assert handler.wait_for(1)[0].data == BODY
     assert handler.tls == [False]

@@ -10,7 +10,6 @@ and can answer DATA with any reply, or not at all.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import socket
 import threading
@@ -24,6 +23,7 @@ import pytest
 from services.delivery.classify import Outcome, RcptResult
 from services.delivery.routing import Hop
 from services.delivery.smtp_client import SmtpClient, Transaction, send_wire_data, wire_data
+from shared import eventloop
 from tests.support import capture_server
 
 pytestmark = pytest.mark.integration
@@ -89,7 +89,7 @@ def send_all(
         finally:
             await client.aclose()
 
-    return asyncio.run(run())
+    return eventloop.run(run())
 
 
 # ---------------------------------------------------------------- what the next hop stores
@@ -324,7 +324,7 @@ def test_fast_path_sends_what_aiosmtplib_sends(body: bytes) -> None:
             await smtp.quit()
 
     with wire_server() as server:
-        asyncio.run(both(server.port))
+        eventloop.run(both(server.port))
     aiosmtplib_phase, fast_phase = server.phases
     assert fast_phase == aiosmtplib_phase
 
@@ -375,7 +375,7 @@ def test_timed_out_session_is_closed_not_pooled() -> None:
         return first, second
 
     with wire_server(final_reply=None) as wire:
-        first, second = asyncio.run(run(wire.port))
+        first, second = eventloop.run(run(wire.port))
     assert [r.outcome for r in first] == [Outcome.TEMPORARY]
     assert [r.outcome for r in second] == [Outcome.DELIVERED]
     assert len(wire.phases) == 2

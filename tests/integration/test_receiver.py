@@ -7,7 +7,6 @@ back from its files.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import smtplib
 import socket
@@ -24,6 +23,7 @@ from services.delivery.classify import Outcome, RcptResult
 from services.delivery.routing import Hop
 from services.delivery.smtp_client import SmtpClient, Transaction
 from services.receiver.app import Receiver
+from shared import eventloop
 from shared.envelope import Direction
 from shared.errors import SpoolError
 from shared.spool import SpoolTransport
@@ -269,7 +269,7 @@ def test_delivery_pipelines_into_a_receiver(receiver: Receiver, spool: SpoolTran
             await client.aclose()
 
     before = accepted_connections()
-    first, second = asyncio.run(run())
+    first, second = eventloop.run(run())
     assert [(r.outcome, r.reply.code) for r in first + second] == [
         (Outcome.DELIVERED, 250),
         (Outcome.PERMANENT, 550),

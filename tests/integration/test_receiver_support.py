@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from services.receiver.app import Receiver
+from shared import eventloop
 from shared.config import Config, HostPort
 from shared.envelope import Envelope
 from shared.errors import SpoolError
@@ -37,7 +38,7 @@ def make_config(**receiver: Any) -> Config:
 @contextlib.contextmanager
 def running(config: Config, transport: Transport) -> Iterator[Receiver]:
     """A started Receiver on an event loop thread; stopped (sessions closed) on exit."""
-    loop = asyncio.new_event_loop()
+    loop = eventloop.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="receiver-loop", daemon=True)
     thread.start()
     receiver = Receiver(config, transport)

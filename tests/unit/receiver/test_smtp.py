@@ -11,6 +11,7 @@ from aiosmtpd.smtp import SMTP
 from services.receiver.handler import ReceiverHandler
 from services.receiver.limits import ConnectionGate, MemoryBudget
 from services.receiver.smtp import ReceiverSMTP, plain_address, with_enhanced_status
+from shared import eventloop
 from shared.config import Config
 from shared.offload import Offload
 from tests.integration.test_receiver_support import FailingTransport
@@ -99,7 +100,7 @@ def test_session_has_every_attribute_aiosmtpd_sets() -> None:
     (this fails first when an aiosmtpd upgrade adds one), and the reflected parts must agree."""
     config = Config()
     settings = config.receiver
-    loop = asyncio.new_event_loop()
+    loop = eventloop.new_event_loop()
     try:
         handler = ReceiverHandler(config, FailingTransport(), Offload(1, "test"))
         plain = SMTP(

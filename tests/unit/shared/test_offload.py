@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
+from shared import eventloop
 from shared.offload import Offload
 
 _field: contextvars.ContextVar[str] = contextvars.ContextVar("field", default="")
@@ -25,7 +26,7 @@ def run_with(threads: int, body: Callable[[Offload], Awaitable[None]]) -> None:
         finally:
             await asyncio.get_running_loop().run_in_executor(None, offload.stop)
 
-    asyncio.run(main())
+    eventloop.run(main())
 
 
 def test_results_exceptions_and_context() -> None:
@@ -93,7 +94,7 @@ def test_stop_finishes_queued_calls() -> None:
         await asyncio.get_running_loop().run_in_executor(None, offload.stop)
         await asyncio.gather(*futures)
 
-    asyncio.run(main())
+    eventloop.run(main())
     assert ran == list(range(20))
 
 
@@ -107,7 +108,7 @@ def test_calls_queued_when_the_loop_is_gone_still_run() -> None:
         gate.wait(10)
         ran.append(i)
 
-    loop = asyncio.new_event_loop()
+    loop = eventloop.new_event_loop()
     offload = Offload(1, "test")  # one thread: the first result finds the loop closed
     offload.start(loop)
 
