@@ -64,7 +64,7 @@ def build_handler(config: Config, clamd: VirusScanner, rules: LiveRules | None =
         with bound(queue_id=env.queue_id):
             started = time.monotonic()
             try:
-                outcome = scan_message(job.body, settings, clamd)
+                outcome = scan_message(job.body, settings, clamd, crlf_clean=env.crlf_clean)
             except ScanError as exc:
                 DISPOSITIONS.labels("retry").inc()
                 outage.failed(exc)

@@ -91,10 +91,11 @@ def strip_refs(verdicts: Sequence[Verdict]) -> dict[str, str]:
     return refs
 
 
-def scan_message(raw: bytes, config: ScannerConfig, clamd: VirusScanner) -> Outcome:
-    """Run the chain on `raw` and decide. Raises ScanError when clamd fails."""
+def scan_message(raw: bytes, config: ScannerConfig, clamd: VirusScanner, *, crlf_clean: bool = False) -> Outcome:
+    """Run the chain on `raw` and decide. Raises ScanError when clamd fails. `crlf_clean`: the
+    envelope's mark that `raw` has no bare CR or LF (see `mimeparse.parse`)."""
     counter = _CountingScanner(clamd)
-    inspection = inspect(raw, config.max_parts, config.max_depth)
+    inspection = inspect(raw, config.max_parts, config.max_depth, crlf_clean=crlf_clean)
     ctx = ScanContext(inspection, config, counter)
     verdicts: list[Verdict] = []
     if inspection.failure:

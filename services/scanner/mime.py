@@ -85,11 +85,11 @@ class Inspection:
     linesep: str = "\r\n"
 
 
-def inspect(raw: bytes, max_parts: int, max_depth: int) -> Inspection:
-    """Parse and walk `raw`. Never raises for any input."""
+def inspect(raw: bytes, max_parts: int, max_depth: int, *, crlf_clean: bool = False) -> Inspection:
+    """Parse and walk `raw`. Never raises for any input. `crlf_clean`: see `mimeparse.parse`."""
     linesep = "\r\n" if b"\r\n" in raw[:4096] or b"\n" not in raw[:4096] else "\n"
     try:
-        message = parse(raw)  # the stdlib's parse, without it reading every body line
+        message = parse(raw, crlf_clean=crlf_clean)  # the stdlib's parse, without it reading every body line
     except RecursionError:
         return Inspection(raw, None, failure="MIME structure nested too deeply to parse", linesep=linesep)
     except Exception as exc:  # the parser is lenient; anything it still throws is a failed parse

@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 import pytest
 from prometheus_client import REGISTRY
 
+from services.scanner import mimeparse
 from services.scanner.app import build_handler, outputs_for
 from services.scanner.core import Outcome
 from shared.config import Config
@@ -170,3 +171,19 @@ def test_outage_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
     messages = [r.getMessage() for r in caplog.records]
     assert messages.count("clamd failed; messages wait and are retried") == 1
     assert messages.count("clamd answers again") == 1
+
+
+@pytest.mark.parametrize("clean", [True, False])
+def test_the_envelope_mark_spares_the_parser_its_bare_cr_search(clean: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    searched: list[int] = []
+
+    class Recording:
+        def search(self, data: bytes) -> None:
+            searched.append(len(data))
+
+    monkeypatch.setattr(mimeparse, "_BARE_CR", Recording())
+    body = mail(attachments=[("report.pdf", b"%PDF-1.4\n" + bytes(range(256)) * 64)])
+    assert len(body) >= 4 * mimeparse.MIN_ELIDED  # long enough for the parser's elided path
+    [out] = build_handler(Config(), FakeClamd())(job(body, crlf_clean=clean))
+    assert out.queue is Queue.DELIVER
+    assert searched == ([] if clean else [len(body)])

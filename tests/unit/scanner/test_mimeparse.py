@@ -13,6 +13,7 @@ import pytest
 
 from services.scanner import mimeparse
 from services.scanner.mime import serialize
+from shared.crlf import bare_newline
 
 
 def _shape(m: Message) -> object:
@@ -137,3 +138,20 @@ def test_the_feedparser_uses_the_boundary_matcher(monkeypatch: pytest.MonkeyPatc
     )
     assert _shape(mimeparse.parse(raw)) == _shape(_stdlib_parse(raw))
     assert made == ["--b", "--c"]
+
+
+class _NoSearch:
+    """Stands in for the bare-CR pattern where the caller vouched for the line ends."""
+
+    def search(self, data: bytes) -> None:
+        raise AssertionError("searched for a bare CR in a body marked crlf_clean")
+
+
+@pytest.mark.parametrize("name", [n for n, raw in CASES.items() if not bare_newline(raw)])
+def test_a_crlf_clean_body_is_not_searched_and_parses_the_same(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    raw = CASES[name]
+    expected = _stdlib_parse(raw)
+    monkeypatch.setattr(mimeparse, "_BARE_CR", _NoSearch())
+    got = mimeparse.parse(raw, crlf_clean=True)
+    assert _shape(got) == _shape(expected)
+    assert serialize(got, "\r\n") == serialize(expected, "\r\n")
