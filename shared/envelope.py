@@ -105,9 +105,9 @@ class Envelope:
     parent_id: str = ""  # for DSNs and notifications: the message they are about
     last_error: str = ""  # why the last attempt failed (deferral reply, crash reason)
     # True only where the body was made and `shared.crlf.bare_newline` found every line ending
-    # in CRLF (the receiver, the scanner when it rebuilds a body): delivery then sends the body
-    # as it is without checking it again. False (every other producer, older versions) costs
-    # delivery that check. Whoever changes a body must set it anew.
+    # in CRLF (the receiver, the scanner when it rebuilds a body): the scanner's MIME parse and
+    # delivery then take the body as it is without checking it again. False (every other
+    # producer, older versions) costs them that check. Whoever changes a body must set it anew.
     crlf_clean: bool = False
     schema: int = SCHEMA
 
