@@ -12,6 +12,11 @@ CRLF = b"\r\n"
 _BARE_CR = re.compile(rb"\r(?!\n)")
 
 
+def bare_cr(content: bytes) -> bool:
+    """True when `content` holds a CR that does not start a CRLF."""
+    return _BARE_CR.search(content) is not None
+
+
 def bare_newline(content: bytes) -> bool:
     """True when `content` holds a CR or LF that is not part of a CRLF.
 
@@ -22,4 +27,4 @@ def bare_newline(content: bytes) -> bool:
     it faster than `bytes.count`. 73 µs for a 77 KB message, where counting
     CRLFs as well took 115.
     """
-    return _BARE_CR.search(content) is not None or len(content.replace(b"\r", b"")) != len(content.replace(b"\n", b""))
+    return bare_cr(content) or len(content.replace(b"\r", b"")) != len(content.replace(b"\n", b""))

@@ -140,18 +140,16 @@ def test_the_feedparser_uses_the_boundary_matcher(monkeypatch: pytest.MonkeyPatc
     assert made == ["--b", "--c"]
 
 
-class _NoSearch:
-    """Stands in for the bare-CR pattern where the caller vouched for the line ends."""
-
-    def search(self, data: bytes) -> None:
-        raise AssertionError("searched for a bare CR in a body marked crlf_clean")
+def _no_search(data: bytes) -> bool:
+    """Stands in for the bare-CR check where the caller vouched for the line ends."""
+    raise AssertionError("searched for a bare CR in a body marked crlf_clean")
 
 
 @pytest.mark.parametrize("name", [n for n, raw in CASES.items() if not bare_newline(raw)])
 def test_a_crlf_clean_body_is_not_searched_and_parses_the_same(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     raw = CASES[name]
     expected = _stdlib_parse(raw)
-    monkeypatch.setattr(mimeparse, "_BARE_CR", _NoSearch())
+    monkeypatch.setattr(mimeparse, "bare_cr", _no_search)
     got = mimeparse.parse(raw, crlf_clean=True)
     assert _shape(got) == _shape(expected)
     assert serialize(got, "\r\n") == serialize(expected, "\r\n")
