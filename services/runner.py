@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client import REGISTRY, CollectorRegistry
 
-from shared import eventloop
+from shared import eventloop, malloc
 from shared.config import Config
 from shared.metrics import QueueDepthCollector, serve
 from shared.transport import Queue, Transport, open_transport
@@ -120,6 +120,7 @@ def register_collectors(registry: CollectorRegistry, config: Config, transport: 
 
 def run(config: Config, roles: set[str], threads: int | None = None) -> int:
     """Run until SIGTERM or SIGINT; returns the process exit code."""
+    malloc.tune()
     transport = open_transport(config)
     if config.metrics.enabled:
         register_collectors(REGISTRY, config, transport, roles)

@@ -32,7 +32,7 @@ from multiprocessing.synchronize import Event
 from typing import Any
 
 from services.receiver.limits import SharedCounters
-from shared import eventloop, metrics
+from shared import eventloop, malloc, metrics
 from shared.config import Config
 from shared.errors import GatewayError
 from shared.logging import bind, event, setup
@@ -175,6 +175,7 @@ def _join_all(procs: list[BaseProcess], timeout: float) -> None:
 def run_process(config: Config, port: int, counters: str, slot: int, ready: Event, leader: int) -> None:
     """Process `slot` of the group: serve SMTP on `port` until SIGTERM or the leader is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the leader's to handle; it sends SIGTERM
+    malloc.tune()
     setup(config.logging.level, config.logging.format, service="receiver")
     bind(process=slot)
     if config.metrics.enabled:
