@@ -175,9 +175,9 @@ def _join_all(procs: list[BaseProcess], timeout: float) -> None:
 def run_process(config: Config, port: int, counters: str, slot: int, ready: Event, leader: int) -> None:
     """Process `slot` of the group: serve SMTP on `port` until SIGTERM or the leader is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the leader's to handle; it sends SIGTERM
-    malloc.tune()
     setup(config.logging.level, config.logging.format, service="receiver")
     bind(process=slot)
+    malloc.tune()
     if config.metrics.enabled:
         try:
             metrics.serve(config.metrics.listen.host, config.metrics.listen.port + slot)

@@ -80,18 +80,23 @@ def _refuse(*_: object) -> bool:
     raise _Tuned
 
 
-def test_smtpgw_run_tunes_first(monkeypatch: pytest.MonkeyPatch) -> None:
+def _too_soon(*_: object) -> None:
+    raise AssertionError("the transport was opened before the malloc thresholds were set")
+
+
+def test_smtpgw_run_tunes_before_it_starts_anything(monkeypatch: pytest.MonkeyPatch) -> None:
     # `smtpgw run` with one role, with all, and each child of --split.
     monkeypatch.setattr(malloc, "tune", _refuse)
-    monkeypatch.setattr(runner, "open_transport", _refuse)  # nothing may start before the tuning
+    monkeypatch.setattr(runner, "open_transport", _too_soon)
     with pytest.raises(_Tuned):
         runner.run(load_config(None, env={}), {"scanner"})
-    assert malloc.tune is _refuse
 
 
-def test_extra_receiver_processes_tune_first(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_extra_receiver_processes_tune_before_they_open_the_transport(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(malloc, "tune", _refuse)
-    monkeypatch.setattr(processes, "setup", _refuse)
+    monkeypatch.setattr(processes, "open_transport", _too_soon)
+    monkeypatch.setattr(processes, "setup", lambda *_, **__: None)  # leave the test's logging alone
+    monkeypatch.setattr(processes, "bind", lambda **_: None)
     previous = signal.getsignal(signal.SIGINT)
     try:
         with pytest.raises(_Tuned):
