@@ -84,7 +84,7 @@ def _too_soon(*_: object) -> None:
     raise AssertionError("the transport was opened before the malloc thresholds were set")
 
 
-def test_smtpgw_run_tunes_before_it_starts_anything(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_smtpgw_run_tunes_before_it_opens_the_transport(monkeypatch: pytest.MonkeyPatch) -> None:
     # `smtpgw run` with one role, with all, and each child of --split.
     monkeypatch.setattr(malloc, "tune", _refuse)
     monkeypatch.setattr(runner, "open_transport", _too_soon)
