@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import email
 import email.policy
+import http.client
 import io
 import itertools
 import os
@@ -48,7 +49,7 @@ from pathlib import Path
 import pika
 import pytest
 
-from services.quarantine.store import QuarantineStore
+from services.quarantine.store import QuarantineError, QuarantineStore
 from services.runner import STOP_TRACE_AFTER
 from shared.broker import BrokerTransport
 from shared.config import BrokerConfig
@@ -445,7 +446,8 @@ class Cluster:
             for replica in list(self.replicas.values()):
                 if replica.role != "scanner" or not replica.process.alive():
                     continue
-                with contextlib.suppress(OSError, ValueError):
+                # A scanner killed (or stopping) mid-response cuts the body short: IncompleteRead.
+                with contextlib.suppress(OSError, ValueError, http.client.HTTPException):
                     found = pattern.search(metrics_text(replica.metrics_port))
                     if found:
                         replica.jobs_done[-1] = max(replica.jobs_done[-1], int(float(found.group(1))))
@@ -481,7 +483,8 @@ class Cluster:
         store = QuarantineStore(str(self.gateway.workdir / "quarantine"))
         out = []
         for entry in store.entries():
-            with contextlib.suppress(OSError, Exception):
+            # An entry removed between the listing and the read is gone, not an error.
+            with contextlib.suppress(OSError, QuarantineError):
                 out.append((entry.category, entry.reason, store.read(entry.queue_id)[1]))
         return out
 
