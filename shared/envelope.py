@@ -93,7 +93,6 @@ class Envelope:
     mail_from: str  # "" is the null reverse-path (DSNs)
     rcpt_to: tuple[str, ...]
     size: int
-    sha256: str
     direction: Direction = Direction.INCOMING
     smtputf8: bool = False
     eight_bit: bool = False
@@ -170,7 +169,6 @@ def decode(data: bytes) -> Envelope:
             mail_from=str(raw["mail_from"]),
             rcpt_to=tuple(str(r) for r in raw["rcpt_to"]),
             size=int(raw["size"]),
-            sha256=str(raw["sha256"]),
             direction=Direction(raw.get("direction", "incoming")),
             smtputf8=bool(raw.get("smtputf8", False)),
             eight_bit=bool(raw.get("eight_bit", False)),

@@ -89,7 +89,6 @@ def stand_in(frame: bytes, reason: str) -> Envelope:
         mail_from="",
         rcpt_to=(),
         size=len(frame),
-        sha256=digest,
         last_error=reason,
     )
 

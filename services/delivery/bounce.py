@@ -221,7 +221,6 @@ def dsn_envelope(envelope: Envelope, dsn: Dsn, *, reporting_mta: str, now: datet
         mail_from="",
         rcpt_to=(envelope.mail_from,),
         size=len(dsn.data),
-        sha256=hashlib.sha256(dsn.data).hexdigest(),
         direction=direction,
         smtputf8=dsn.smtputf8,
         eight_bit=dsn.eight_bit,

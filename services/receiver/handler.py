@@ -25,7 +25,6 @@ recipient, never a body.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -217,30 +216,21 @@ class ReceiverHandler:
             # here (a few hundred octets) rather than trusted, since it carries the client's HELO.
             crlf_clean = not bare_newline(header)
             direction = Direction.OUTGOING if client.relay else Direction.INCOMING
-            smtputf8 = bool(envelope.smtp_utf8)
-            eight_bit = "BODY=8BITMIME" in envelope.mail_options
-
-            def publish() -> Envelope:
-                # On the worker thread: hashlib lets go of the GIL, so hashing runs beside the loop.
-                message = Envelope(
-                    queue_id=queue_id,
-                    received_at=received_at,
-                    client=client,
-                    mail_from=sender,
-                    rcpt_to=rcpt_to,
-                    size=len(body),
-                    sha256=hashlib.sha256(body).hexdigest(),
-                    direction=direction,
-                    smtputf8=smtputf8,
-                    eight_bit=eight_bit,
-                    expires_at=received_at + self._lifetime,
-                    crlf_clean=crlf_clean,
-                )
-                self._transport.publish(Queue.SCAN, message, body)
-                return message
-
+            message = Envelope(
+                queue_id=queue_id,
+                received_at=received_at,
+                client=client,
+                mail_from=sender,
+                rcpt_to=rcpt_to,
+                size=len(body),
+                direction=direction,
+                smtputf8=bool(envelope.smtp_utf8),
+                eight_bit="BODY=8BITMIME" in envelope.mail_options,
+                expires_at=received_at + self._lifetime,
+                crlf_clean=crlf_clean,
+            )
             try:
-                await self._offload.run(publish)
+                await self._offload.run(lambda: self._transport.publish(Queue.SCAN, message, body))
             except Exception as exc:
                 if not self._outage:
                     self._outage = True

@@ -20,7 +20,6 @@ is scanned again after `[scanner].retry_delay`. It is never delivered unscanned.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -99,7 +98,6 @@ def outputs_for(job: Job, outcome: Outcome) -> list[Output]:
     delivered = env.replace(
         verdicts=verdicts,
         size=len(outcome.body),
-        sha256=hashlib.sha256(outcome.body).hexdigest(),
         crlf_clean=not bare_newline(outcome.body),  # a new body is checked anew (rare: a part was removed)
     )
     if outcome.action is Action.DELIVER:  # findings the policy delivers anyway: only a header was added

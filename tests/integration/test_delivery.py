@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import email
 import email.policy
-import hashlib
 import logging
 import ssl
 from collections.abc import Callable, Iterator, Sequence
@@ -76,7 +75,6 @@ def envelope(
         mail_from=mail_from,
         rcpt_to=rcpts,
         size=len(body),
-        sha256=hashlib.sha256(body).hexdigest(),
         eight_bit=True,
     )
     return env.replace(**changes)

@@ -89,7 +89,6 @@ def test_accepts_and_stores_durably(receiver: Receiver, spool: SpoolTransport) -
     assert env.direction == Direction.INCOMING
     assert (env.smtputf8, env.eight_bit) == (False, False)
     assert env.size == len(body)
-    assert env.sha256 == hashlib.sha256(body).hexdigest()
     assert env.crlf_clean  # read_data checked the content, the handler its Received header
     assert env.received_at.utcoffset() == timedelta(0)
     assert env.expires_at == env.received_at + timedelta(hours=24)
@@ -217,7 +216,7 @@ def test_nine_mebibytes_arrive_intact(receiver: Receiver, spool: SpoolTransport)
     [(env, body)] = stored(spool)
     _, received = split_trace(body)
     assert hashlib.sha256(received).digest() == hashlib.sha256(message).digest()
-    assert env.sha256 == hashlib.sha256(body).hexdigest()
+    assert env.size == len(body)
     assert receiver.data_inflight == 0
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import binascii
 import email
-import hashlib
 import os
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -41,7 +40,6 @@ def job(body: bytes, queue_id: str = "01JSCANTEST") -> Job:
         "sender@example.org",
         ("user@example.test",),
         len(body),
-        hashlib.sha256(body).hexdigest(),
     )
     return Job(Queue.SCAN, env, body)
 

@@ -8,7 +8,6 @@ directory / namespace" stands for a restarted process.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 import time
@@ -42,7 +41,6 @@ def make_envelope(body: bytes = b"", **changes: object) -> Envelope:
         mail_from="alice@sender.test",
         rcpt_to=("bob@example.test", "carol@example.test"),
         size=len(body),
-        sha256=hashlib.sha256(body).hexdigest(),
     )
     return env.replace(**changes)
 

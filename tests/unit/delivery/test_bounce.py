@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import email
 import email.policy
-import hashlib
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -44,7 +43,6 @@ def bounce_job(**changes: object) -> Envelope:
         mail_from="sender@example.org",
         rcpt_to=tuple(f.rcpt for f in FAILURES),
         size=len(ORIGINAL),
-        sha256="0" * 64,
         failures=FAILURES,
         parent_id="01ABC",
     )
@@ -209,7 +207,6 @@ def test_dsn_envelope(direction: Direction, expected: Direction) -> None:
     assert out.rcpt_to == ("sender@example.org",)
     assert out.direction is expected
     assert out.size == len(dsn.data)
-    assert out.sha256 == hashlib.sha256(dsn.data).hexdigest()
     assert out.received_at == NOW
     assert out.expires_at == NOW + timedelta(hours=1)
     assert out.attempts == 0

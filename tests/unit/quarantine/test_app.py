@@ -26,7 +26,6 @@ def env(**changes: object) -> Envelope:
         mail_from="s@example.org",
         rcpt_to=("r@example.test",),
         size=4,
-        sha256="0" * 64,
     ).replace(**changes)
 
 

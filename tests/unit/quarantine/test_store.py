@@ -23,7 +23,6 @@ def env(*verdicts: Verdict, **changes: object) -> Envelope:
         mail_from="s@example.org",
         rcpt_to=("r@example.test",),
         size=4,
-        sha256="0" * 64,
         verdicts=verdicts,
     ).replace(**changes)
 

@@ -25,7 +25,6 @@ def env(**changes: object) -> Envelope:
         mail_from="s@example.org",
         rcpt_to=("r@example.test",),
         size=5,
-        sha256="0" * 64,
     )
     return base.replace(**changes)
 
