@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import pytest
 
-from services.receiver.dataread import DataResult, line_too_long, read_data
+from services.receiver.dataread import TERMINATOR, DataResult, line_too_long, read_data
 from services.receiver.limits import MemoryBudget
 from services.receiver.policy import DataProblem
-from shared.crlf import bare_newline
+from shared.crlf import CRLF, bare_newline
 
 EIGHT_BIT = "Subject: Grüße\r\n\r\nü ".encode() + b"\xff\xfe\xe9\r\n"
 PIPELINED = b"MAIL FROM:<next@sender.example>\r\nRCPT TO:<victim@example.test>\r\nDATA\r\n"
@@ -74,6 +74,9 @@ CASES = [
     Case("CR before the CRLF", b"a\r\r\n.\r\n", None, b"QUIT\r\n", DataProblem.BARE_NEWLINE),
     Case("bare LF right before the end", b"a\n\r\n.\r\n", None, b"", DataProblem.BARE_NEWLINE),
     Case("CRLF dot CR, no end", b"a\r\n.\rb\r\n.\r\n", None, b"QUIT\r\n", DataProblem.BARE_NEWLINE),
+    Case("a stuffed line and a bare LF", b"a\r\n..b\nc\r\n.\r\n", None, b"", DataProblem.BARE_NEWLINE),
+    Case("a bare LF, then a stuffed line", b"a\nb\r\n..c\r\n.\r\n", None, b"", DataProblem.BARE_NEWLINE),
+    Case("a stuffed line and a bare CR", b"..a\r\nb\rc\r\n.\r\n", None, b"", DataProblem.BARE_NEWLINE),
     # Limits: size counts the unstuffed message; the refusal comes after the real end.
     Case("exactly max_size", b"0123456789\r\n.\r\n", b"0123456789\r\n", b"QUIT\r\n", max_size=12),
     Case("one over max_size", b"0123456789A\r\n.\r\n", None, b"QUIT\r\n", DataProblem.TOO_BIG, max_size=12),
@@ -252,3 +255,32 @@ def test_checks_agree_with_splitting_into_lines() -> None:
         if not bare:  # line_too_long's precondition
             for limit in range(1, 9):
                 assert line_too_long(content, limit) is _lines_too_long(content, limit), (content, limit)
+
+
+def test_reader_agrees_with_unstuffing_line_by_line() -> None:
+    """Every wire string of up to 5 pieces from an alphabet of line ends, dots and text: the
+    reader's content is what splitting into lines, refusing a bare CR or LF and dropping each
+    line's leading dot gives (the reader searches for bare CRs and stuffed lines in one pass)."""
+    alphabet = [b"a", b"\r", b"\n", b"\r\n", b".", b"\r\n."]
+    wires = [b""]
+    for _ in range(5):
+        wires = [w + p for w in wires for p in alphabet] + [b""]
+    case = Case("any", b"", None)
+
+    async def run() -> None:
+        for wire in sorted(set(wires)):
+            stream = CRLF + wire + TERMINATOR  # the CRLF that ended the DATA command counts
+            end = stream.find(TERMINATOR)
+            data = stream[len(CRLF) : end + len(CRLF)]
+            if _lines_bare(data):
+                expected = None
+            else:
+                expected = CRLF.join(line[1:] if line.startswith(b".") else line for line in data.split(CRLF))
+            result, rest = await feed_and_read([wire + TERMINATOR], case, 1 << 16, MemoryBudget(1 << 30))
+            assert rest == stream[end + len(TERMINATOR) :], wire
+            if expected is None:
+                assert result.problem is DataProblem.BARE_NEWLINE, wire
+            else:
+                assert (result.problem, result.content) == (None, expected), wire
+
+    asyncio.run(run())
