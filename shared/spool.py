@@ -64,6 +64,8 @@ MAGIC = b"SMTPGW1 "
 
 # Messages held in memory for this process's consumers, at most (bytes of bodies).
 HANDOFF_BYTES = 64 * 1024 * 1024
+# Bytes of a spool file read first: the magic line and the envelope of all but unusual messages.
+_HEAD = 4096
 
 
 def _name(queue_id: str, gen: int) -> str:
@@ -93,22 +95,42 @@ def pack(envelope: Envelope, body: bytes) -> list[bytes]:
     return [MAGIC + str(len(env)).encode() + b"\n", env, b"\n", body]
 
 
-def unpack(data: bytes) -> tuple[Envelope, bytes]:
-    if not data.startswith(MAGIC):
+def _envelope_span(head: bytes) -> tuple[int, int]:
+    """Where the envelope lies in a packed message that starts with `head`: (start, end)."""
+    nl = head.find(b"\n", 0, 64)
+    if not head.startswith(MAGIC) or nl < 0:
         raise EnvelopeDecodeError("not a spool file")
-    nl = data.index(b"\n")
-    length = int(data[len(MAGIC) : nl])
-    env = decode(data[nl + 1 : nl + 1 + length])
-    return env, data[nl + 2 + length :]
+    return nl + 1, nl + 1 + int(head[len(MAGIC) : nl])
+
+
+def unpack(data: bytes) -> tuple[Envelope, bytes]:
+    """A packed message in memory (the broker's messages) -> envelope and body."""
+    start, end = _envelope_span(data)
+    return decode(data[start:end]), data[end + 1 :]
+
+
+def read_file(path: str, *, with_body: bool = True) -> tuple[Envelope, bytes]:
+    """A spool file's envelope and body (b"" without `with_body`: listings and recovery need
+    only envelopes). Raises OSError, EnvelopeDecodeError or ValueError.
+
+    The body is read at its offset into a bytes object of its own. Reading the whole file
+    and slicing the body out of it (`unpack`) copied every body once more: 25 µs for a mean
+    corpus message here, in the scanner and again in delivery."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        head = os.pread(fd, _HEAD, 0)  # the magic line and, nearly always, the whole envelope
+        start, end = _envelope_span(head)
+        envelope = decode(head[start:end] if end <= len(head) else os.pread(fd, end - start, start))
+        if not with_body:
+            return envelope, b""
+        return envelope, os.pread(fd, max(0, os.fstat(fd).st_size - end - 1), end + 1)
+    finally:
+        os.close(fd)
 
 
 def read_envelope(path: str) -> Envelope:
     """Only the envelope of a spool file (for listings and recovery)."""
-    with open(path, "rb") as fh:
-        head = fh.readline(64)
-        if not head.startswith(MAGIC):
-            raise EnvelopeDecodeError(f"{path}: not a spool file")
-        return decode(fh.read(int(head[len(MAGIC) :])))
+    return read_file(path, with_body=False)[0]
 
 
 class _GroupSync:
@@ -244,8 +266,7 @@ class SpoolTransport(Transport):
             raise SpoolError(f"cannot store {name} in {queue}: {exc.strerror}") from None
 
     def _read(self, queue: Queue, name: str) -> tuple[Envelope, bytes]:
-        with open(os.path.join(self._dir(queue), name), "rb") as fh:
-            return unpack(fh.read())
+        return read_file(os.path.join(self._dir(queue), name))
 
     # ------------------------------------------------------------ publish
 

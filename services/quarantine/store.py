@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from shared.envelope import QUEUE_ID, Action, Envelope
 from shared.errors import GatewayError
-from shared.spool import pack, read_envelope, unpack
+from shared.spool import pack, read_envelope, read_file
 
 
 class QuarantineError(GatewayError):
@@ -112,9 +112,7 @@ class QuarantineStore:
 
     def read(self, queue_id: str) -> tuple[Entry, bytes]:
         entry = self.get(queue_id)
-        with open(entry.path, "rb") as fh:
-            _, body = unpack(fh.read())
-        return entry, body
+        return entry, read_file(entry.path)[1]
 
     def delete(self, queue_id: str) -> Entry:
         entry = self.get(queue_id)

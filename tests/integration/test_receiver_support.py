@@ -22,7 +22,7 @@ from shared import eventloop
 from shared.config import Config, HostPort
 from shared.envelope import Envelope
 from shared.errors import SpoolError
-from shared.spool import SpoolTransport, unpack
+from shared.spool import SpoolTransport, read_file
 from shared.transport import Handler, Queue, Transport
 
 ENHANCED = re.compile(rb"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}( |$)")
@@ -56,8 +56,7 @@ def stored(spool: SpoolTransport) -> list[tuple[Envelope, bytes]]:
     """Every message on the scan queue: envelope and the stored bytes, read from the spool files."""
     out = []
     for name, _ in spool.list(Queue.SCAN):
-        with open(os.path.join(spool.root, str(Queue.SCAN), name), "rb") as fh:
-            out.append(unpack(fh.read()))
+        out.append(read_file(os.path.join(spool.root, str(Queue.SCAN), name)))
     return out
 
 

@@ -6,14 +6,15 @@ import os
 import shutil
 import subprocess
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from shared.envelope import Client, Envelope, new_queue_id
-from shared.errors import SpoolError
-from shared.spool import SpoolTransport, pack, read_envelope, unpack
+from shared.errors import EnvelopeDecodeError, SpoolError
+from shared.spool import SpoolTransport, pack, read_envelope, read_file, unpack
 from shared.transport import Job, Output, Queue
 
 
@@ -33,12 +34,37 @@ def files(root: Path, queue: Queue | str) -> list[str]:
     return sorted(os.listdir(root / str(queue)))
 
 
-def test_pack_unpack_roundtrip_binary() -> None:
-    e = env()
-    body = bytes(range(256)) * 10 + b"\r\n.\r\n"
-    got_env, got_body = unpack(b"".join(pack(e, body)))
-    assert got_env == e
-    assert got_body == body
+@pytest.mark.parametrize("recipients", [1, 500], ids=["small envelope", "envelope past the first read"])
+@pytest.mark.parametrize("body", [b"", bytes(range(256)) * 10 + b"\r\n.\r\n"], ids=["empty", "binary"])
+def test_pack_read_roundtrip(tmp_path: Path, recipients: int, body: bytes) -> None:
+    e = env().replace(rcpt_to=tuple(f"user{n}@example.test" for n in range(recipients)))
+    path = tmp_path / "f"
+    path.write_bytes(b"".join(pack(e, body)))
+    if recipients > 1:  # the envelope does not fit in the first read of the file
+        assert len(pack(e, body)[1]) > 4096
+    assert read_file(str(path)) == (e, body)
+    assert unpack(path.read_bytes()) == (e, body)  # the broker's messages: the same format in memory
+    assert read_file(str(path), with_body=False) == (e, b"")
+    assert read_envelope(str(path)) == e
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(lambda data: data[:40], id="cut inside the envelope"),
+        pytest.param(lambda data: b"", id="empty"),
+        pytest.param(lambda data: b"SMTPGW1 x\n" + data, id="bad length"),
+        pytest.param(lambda data: b"From: not a spool file\r\n\r\nhi\r\n", id="not a spool file"),
+        pytest.param(lambda data: b"SMTPGW1 " + b"9" * 80 + b"\n{}", id="no line end in the magic line"),
+    ],
+)
+def test_a_damaged_file_is_an_error_not_a_message(tmp_path: Path, damage: Callable[[bytes], bytes]) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(damage(b"".join(pack(env(), b"body\r\n"))))
+    with pytest.raises((EnvelopeDecodeError, ValueError)):
+        read_file(str(path))
+    with pytest.raises((EnvelopeDecodeError, ValueError)):
+        unpack(path.read_bytes())
 
 
 def test_publish_is_a_complete_file_and_tmp_is_empty(spool_dir: Path) -> None:
