@@ -4,6 +4,8 @@ an untrusted certificate, and the embedded spool transport for the bounce round 
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import email
 import email.policy
@@ -18,6 +20,8 @@ from typing import Any
 import pytest
 import trustme
 from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, Session
+from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from services.delivery.app import Delivery
 from services.delivery.classify import Outcome, RcptResult
@@ -141,6 +145,49 @@ def test_connection_is_reused_across_messages(make_delivery: MakeDelivery) -> No
         got = handler.wait_for(3)
     assert len(got) == 3
     assert len({m.peer for m in got}) == 1  # one TCP connection (same client port) for all three
+
+
+@dataclass
+class Gathering(CaptureHandler):
+    """Answers DATA only once `gather` transactions wait for their reply: that many connections
+    in use at the same time."""
+
+    gather: int = 1
+    _waiting: int = 0
+    _all_in: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: SmtpEnvelope) -> str:
+        self._waiting += 1
+        if self._waiting == self.gather:
+            self._all_in.set()
+        await asyncio.wait_for(self._all_in.wait(), 20)
+        return await super().handle_DATA(server, session, envelope)
+
+    def next_round(self) -> None:
+        self._waiting = 0
+        self._all_in = asyncio.Event()
+
+
+def test_every_delivery_thread_keeps_its_connection(make_delivery: MakeDelivery) -> None:
+    """With all `threads` delivering at once to one destination, each connection goes back to the
+    pool afterwards and serves the next round: none is closed and opened again."""
+    threads = 6
+    handler = Gathering(gather=threads)
+    port = free_port()
+    controller = Controller(handler, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        d = make_delivery({"example.test": f"smtp://127.0.0.1:{port}"}, threads=str(threads))
+        for round_ in range(1, 3):
+            with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+                outputs = list(pool.map(lambda _: deliver(d, envelope(("user@example.test",))), range(threads)))
+            assert outputs == [[]] * threads
+            got = handler.wait_for(threads * round_)
+            handler.next_round()
+    finally:
+        controller.stop()
+    assert len({m.peer for m in got[:threads]}) == threads  # the first round used `threads` connections
+    assert {m.peer for m in got[threads:]} == {m.peer for m in got[:threads]}  # the second, the same ones
 
 
 def test_pooled_connection_closed_by_the_server_is_replaced(make_delivery: MakeDelivery) -> None:
