@@ -118,12 +118,15 @@ def read_file(path: str, *, with_body: bool = True) -> tuple[Envelope, bytes]:
     corpus message here, in the scanner and again in delivery."""
     fd = os.open(path, os.O_RDONLY)
     try:
+        size = os.fstat(fd).st_size
         head = os.pread(fd, _HEAD, 0)  # the magic line and, nearly always, the whole envelope
         start, end = _envelope_span(head)
+        if end > size:  # a damaged length must not make us allocate what it claims
+            raise EnvelopeDecodeError(f"spool file of {size} bytes, shorter than its envelope")
         envelope = decode(head[start:end] if end <= len(head) else os.pread(fd, end - start, start))
         if not with_body:
             return envelope, b""
-        return envelope, os.pread(fd, max(0, os.fstat(fd).st_size - end - 1), end + 1)
+        return envelope, os.pread(fd, max(0, size - end - 1), end + 1)
     finally:
         os.close(fd)
 

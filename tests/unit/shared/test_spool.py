@@ -56,6 +56,7 @@ def test_pack_read_roundtrip(tmp_path: Path, recipients: int, body: bytes) -> No
         pytest.param(lambda data: b"SMTPGW1 x\n" + data, id="bad length"),
         pytest.param(lambda data: b"From: not a spool file\r\n\r\nhi\r\n", id="not a spool file"),
         pytest.param(lambda data: b"SMTPGW1 " + b"9" * 80 + b"\n{}", id="no line end in the magic line"),
+        pytest.param(lambda data: b"SMTPGW1 999999999999999\n{}", id="length far past the end"),
     ],
 )
 def test_a_damaged_file_is_an_error_not_a_message(tmp_path: Path, damage: Callable[[bytes], bytes]) -> None:
