@@ -76,6 +76,11 @@ def test_renamed_and_prefixed_archives_are_found_by_content() -> None:
     # Junk in front of a zip: readers start from the central directory at the end.
     assert detect(b"junk" * 100 + data) == "zip"
     assert names(b"junk" * 100 + data, "x.bin") == ["x.bin/tool.exe"]
+    assert detect(b"junk" * 100_000 + data) == "zip"  # far more junk than the record's window
+    # An (empty) end record counts only within its window at the end of the data.
+    record = b"x" + b"PK\x05\x06" + b"\0" * 18
+    assert detect(record + b"junk" * 10) == "zip"
+    assert detect(record + b"junk" * 20_000) is None
 
 
 def test_formats_left_to_clamd_and_non_archives() -> None:
