@@ -2,9 +2,9 @@
 message into an `Envelope` on the scan queue.
 
 Each hook asks `policy` and turns its Decision into a reply. `handle_DATA`
-builds the trace header, then hashes the message, builds its envelope and
-publishes it to `Queue.SCAN` on a worker thread (`offload.py`: publish fsyncs
-or waits for a broker confirm, it must not block the event loop) and answers
+builds the trace header and the message's envelope, then publishes it to
+`Queue.SCAN` on a worker thread (`offload.py`: publish fsyncs or waits for a
+broker confirm, it must not block the event loop) and answers
 250 only after publish returned (DESIGN.md: never 250 before durable).
 Whatever goes wrong there is logged and answered 451, so the client keeps the
 message and retries.
