@@ -151,9 +151,11 @@ def document(
         "msg/s is end to end: messages that reached the sink, divided by the time from the first",
         "connection to the last arrival (for clamd: scans per second). DATA→250 is measured from",
         'the last byte of the DATA terminator leaving the load generator to the reply; "to sink"',
-        "from the same moment to the sink's last write of the message. CPU is the gateway's own",
-        "processes (not clamd, sink or load generator). Ratios compare with the baselines of the",
-        "same run at the same concurrency (and messages per connection).",
+        "from the same moment to the sink's last write of the message, the mtime of the file the",
+        "sink wrote: the kernel stamps it from a clock that advances once per tick (4 ms at HZ=250),",
+        "so it reads up to a tick early (the loopback rows' few ms below zero). CPU is the gateway's",
+        "own processes (not clamd, sink or load generator). Ratios compare with the baselines of",
+        "the same run at the same concurrency (and messages per connection).",
         "",
     ]
     budget = budget_table(rows, cores) if cores else ""
