@@ -64,8 +64,8 @@ def unwire(data: bytes) -> bytes:
 def main(argv: list[str]) -> int:
     with open(argv[0]) as fh:
         spec = Spec(**json.load(fh))
-    with open(spec.pool, "rb") as fh:
-        pool = [unwire(data) for _, data, _ in pickle.load(fh)]
+    with open(spec.pool, "rb") as pool_file:
+        pool = [unwire(data) for _, data, _ in pickle.load(pool_file)]
     seqs = itertools.count()
     lock = threading.Lock()
     latencies: list[float] = []

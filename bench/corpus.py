@@ -138,7 +138,7 @@ def build(size: int, seed: int = 1) -> list[Sample]:
     kinds = [kind for kind, n in kind_counts(size).items() for _ in range(n)]
     rng.shuffle(kinds)
     makers = {"text": _text, "attachment": _attachment, "zip": _zip, "blocked": _blocked, "eicar": _eicar}
-    samples = []
+    samples: list[Sample] = []
     for index, kind in enumerate(kinds):
         # One generator per sample: a sample's bytes do not depend on the ones before it.
         sample_rng = random.Random(f"{seed}:{index}")
@@ -158,7 +158,7 @@ def load_directory(path: str, limit: int = 0) -> list[Sample]:
         for name in names
         if not name.startswith(".") and name != "cmds"
     )
-    samples = []
+    samples: list[Sample] = []
     for file in files:
         with open(file, "rb") as fh:
             data = fh.read()
@@ -355,6 +355,6 @@ def _eicar(index: int, rng: random.Random, zipped: bool = False) -> Sample:
     if not zipped:
         body, marker = _with_attachments(index, rng, "test file", [("eicar.txt", "text/plain", EICAR)])
         return Sample(index, "eicar", body, marker, detail="eicar-plain")
-    zipped = _zip_bytes([("eicar.txt", EICAR)])
-    body, marker = _with_attachments(index, rng, "test archive", [("eicar.zip", "application/zip", zipped)])
+    archive = _zip_bytes([("eicar.txt", EICAR)])
+    body, marker = _with_attachments(index, rng, "test archive", [("eicar.zip", "application/zip", archive)])
     return Sample(index, "eicar", body, marker, detail="eicar-zip")

@@ -84,3 +84,75 @@ def test_budget_table_splits_the_machines_cpu_and_bounds_the_rate() -> None:
     assert report.budget_table(rows[:1], cores=2) == ""
     assert "Where the machine's CPU went" in report.document(rows, {}, cores=2)
     assert "Where the machine's CPU went" not in report.document(rows, {})
+
+
+def _cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def _targets(rows: list[dict[str, object]]) -> dict[str, list[str]]:
+    """Target name -> [figures, met] of the targets table."""
+    lines = report.targets(rows).strip().splitlines()
+    assert lines[0] == "| target | this run | met |"
+    return {cells[0]: cells[1:] for cells in map(_cells, lines[2:])}
+
+
+MIB = 2**20
+TARGET_ROWS = [
+    _row("clamd", 50, 1, 720.0),
+    _row("ClamSMTP", 50, 1, 100.0),
+    _row("ClamSMTP", 50, 20, 400.0),
+    _row("smtpgw embedded", 50, 1, 254.0, peak_rss={"all": 94 * MIB}, stalls=0),
+    _row("smtpgw embedded", 50, 20, 272.0, peak_rss={"all": 108 * MIB}, stalls=0),
+    _row("smtpgw embedded", 200, 1, 262.0, stalls=0),
+    _row("smtpgw embedded", 10, 1, 235.0, accept_p99=0.049),
+    _row("smtpgw embedded, 4 processes", 50, 1, 371.0, peak_rss={"receiver": 50 * MIB, "scanner": 70 * MIB}),
+    _row("smtpgw embedded, 4 processes", 50, 20, 390.0, peak_rss={"receiver": 53 * MIB, "scanner": 250 * MIB}),
+    _row("smtpgw embedded, 4 processes", 10, 1, 368.0, accept_p99=0.032),
+    _row("smtpgw RabbitMQ, 2 scanners", 50, 1, 233.0, stalls=1),
+    _row("smtpgw RabbitMQ, 2 scanners", 50, 20, 199.0),
+    _row("smtpgw RabbitMQ, 2 scanners", 10, 1, 216.0, accept_p99=0.151),
+]
+
+
+def test_targets_table_checks_each_target_against_the_run() -> None:
+    t = _targets(TARGET_ROWS)
+    # Rate targets: one embedded mode meeting them is enough, and the table says which.
+    assert t["embedded ≥ 300 msg/s end to end at concurrency 50"] == [
+        "embedded 254 (1/conn), 272 (20/conn); embedded, 4 processes 371 (1/conn), 390 (20/conn)",
+        "yes (embedded, 4 processes)",
+    ]
+    assert t["embedded ≥ 40% of the clamd ceiling at concurrency 50"][1] == "yes (embedded, 4 processes)"
+    figures, met = t["embedded ≥ 3× ClamSMTP at concurrency 50"]
+    assert met == "no"  # 4 processes: 3.71x at 1/conn, but 0.97x at 20/conn
+    assert figures.startswith("embedded 2.54× (1/conn), 0.68× (20/conn); embedded, 4 processes 3.71× (1/conn)")
+    # 3 x 400 is more than clamd scans: the table says so; 3 x 100 is not.
+    assert figures.endswith("3× ClamSMTP is 1,200 msg/s, more than clamd alone scans (720/s)")
+    assert t["RabbitMQ, 2 scanner processes ≥ 200 msg/s at concurrency 50"] == [
+        "RabbitMQ, 2 scanners 233 (1/conn), 199 (20/conn)",
+        "no",
+    ]
+    # Latency, stalls and memory must hold for every mode.
+    assert t["p99 DATA→250 < 150 ms at concurrency 10"] == [
+        "embedded 49 ms (1/conn); embedded, 4 processes 32 ms (1/conn); RabbitMQ, 2 scanners 151 ms (1/conn)",
+        "no",
+    ]
+    figures, met = t["no session stalls at concurrency 50 and 200"]
+    assert "embedded 0 (c=50, 1/conn), 0 (c=50, 20/conn), 0 (c=200, 1/conn)" in figures  # two concurrencies
+    assert met == "no"  # RabbitMQ stalled once
+    assert t["peak RSS of the embedded gateway < 300 MiB at concurrency 50"] == [
+        "embedded 94 MiB (1/conn), 108 MiB (20/conn); embedded, 4 processes 120 MiB (1/conn), 303 MiB (20/conn)",
+        "no",
+    ]
+
+
+def test_targets_met_only_by_phases_whose_checks_passed() -> None:
+    rows = [_row("smtpgw embedded, 4 processes", 50, 1, 400.0, stalls=0, problems=2)]
+    t = _targets(rows)
+    assert t["embedded ≥ 300 msg/s end to end at concurrency 50"] == ["embedded, 4 processes 400 (1/conn)", "no"]
+    # A target the run has no phase for says so; one without a baseline shows no ratio.
+    assert t["RabbitMQ, 2 scanner processes ≥ 200 msg/s at concurrency 50"] == ["not measured in this run", "–"]
+    assert t["embedded ≥ 3× ClamSMTP at concurrency 50"] == ["embedded, 4 processes – (1/conn)", "no"]
+    assert report.targets([_row("loopback", 50, 1, 700.0)]) == ""
+    assert "The issue's targets" in report.document(TARGET_ROWS, {})
+    assert "The issue's targets" not in report.document([_row("loopback", 50, 1, 700.0)], {})
