@@ -98,9 +98,9 @@ def outputs_for(job: Job, outcome: Outcome) -> list[Output]:
     delivered = env.replace(
         verdicts=verdicts,
         size=len(outcome.body),
-        crlf_clean=not bare_newline(outcome.body),  # a new body is checked anew (rare: a part was removed)
+        crlf_clean=not bare_newline(outcome.body),  # a new body is checked anew (rare: see core.py)
     )
-    if outcome.action is Action.DELIVER:  # findings the policy delivers anyway: only a header was added
+    if outcome.action is Action.DELIVER:  # only header fields were added (findings) or removed (forged)
         return [Output(Queue.DELIVER, delivered, outcome.body)]
     original = env.replace(queue_id=f"{env.queue_id}.q", parent_id=env.queue_id, verdicts=verdicts)
     return [Output(Queue.QUARANTINE, original, job.body), Output(Queue.DELIVER, delivered, outcome.body)]
@@ -121,6 +121,8 @@ def _log_outcome(outcome: Outcome, duration: float) -> None:
         fields["part"] = first.part
     if outcome.defects:
         fields["defects"] = outcome.defects
+    if outcome.forged:
+        fields["forged_findings"] = outcome.forged  # removed: see core.py
     # A deleted message leaves no other trace: log it where an operator looks.
     level = logging.WARNING if outcome.action is Action.DELETE else logging.INFO
     event(log, "scanned", level, **fields)

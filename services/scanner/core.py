@@ -17,7 +17,12 @@ out comes an `Outcome`: the action, the verdicts, and the body to hand on.
   had found something, the rebuilt message is scanned again, and anything
   still found quarantines it. An unchanged message keeps its original bytes.
 - A message delivered despite findings (actions set to "deliver", or
-  stripped) carries them in X-SMTPGW-Finding header fields.
+  stripped) carries them in X-SMTPGW-Finding header fields. Fields of that
+  name a message arrived with are removed from what is delivered, whatever
+  the verdict: a sender can write them too, and the mail system downstream
+  must be able to trust that the gateway wrote every one it sees
+  (amavisd-new removes X-Spam-* headers from incoming mail for the same
+  reason). The quarantined original keeps them.
 
 ScanError from clamd propagates: the caller retries the message later.
 """
@@ -32,7 +37,7 @@ from services.scanner.context import ScanContext
 from services.scanner.filenames import clean_for_display
 from services.scanner.mime import inspect
 from services.scanner.policy import archives, attachments, limits, virus
-from services.scanner.rebuild import FINDINGS_HEADER, add_headers, replace_parts
+from services.scanner.rebuild import FINDINGS_HEADER, add_headers, remove_fields, replace_parts
 from services.scanner.reply import VirusScanner, category_of
 from shared.clamd import ScanResult
 from shared.config import ScannerConfig
@@ -61,6 +66,7 @@ class Outcome:
     parts: int  # leaf parts and uuencoded blocks seen
     clamd_calls: int
     defects: int = 0  # MIME defects the parser worked around
+    forged: int = 0  # FINDINGS_HEADER fields the message came with, removed from `body`
 
 
 class _CountingScanner:
@@ -114,14 +120,17 @@ def scan_message(raw: bytes, config: ScannerConfig, clamd: VirusScanner, *, crlf
         action = decide(verdicts)
         if action is Action.STRIP:
             body = stripped
-    if action in (Action.DELIVER, Action.STRIP) and verdicts:
-        findings = [(FINDINGS_HEADER, f"{v.category}: {v.action}: {v.reason}") for v in _ordered(verdicts)]
-        body = add_headers(body, findings, inspection.linesep)
+    forged = 0
+    if action in (Action.DELIVER, Action.STRIP):
+        body, forged = remove_fields(body, FINDINGS_HEADER, inspection.linesep)
+        if verdicts:
+            findings = [(FINDINGS_HEADER, f"{v.category}: {v.action}: {v.reason}") for v in _ordered(verdicts)]
+            body = add_headers(body, findings, inspection.linesep)
     if not verdicts:
         verdicts.append(
             Verdict("scanner", "clean", Action.DELIVER, f"passed {', '.join(config.filters) or 'no filters'}")
         )
-    return Outcome(action, _ordered(verdicts), body, len(inspection.parts), counter.calls, inspection.defects)
+    return Outcome(action, _ordered(verdicts), body, len(inspection.parts), counter.calls, inspection.defects, forged)
 
 
 def _strip(ctx: ScanContext, verdicts: list[Verdict]) -> tuple[bytes, list[Verdict]]:

@@ -1,4 +1,5 @@
-"""Rebuilding a message: attachments replaced by a notice, findings recorded in a header.
+"""Rebuilding a message: attachments replaced by a notice, findings recorded in a header
+(and copies of that header the message arrived with removed).
 
 Works on the tree `services.scanner.mime.inspect` parsed (compat32 keeps raw
 header values and bodies, so every part that is not replaced serialises back
@@ -67,6 +68,39 @@ def add_headers(body: bytes, headers: Sequence[tuple[str, str]], linesep: str) -
         folded = Header(text, charset="utf-8" if not text.isascii() else "us-ascii", header_name=name)
         lines.append(f"{name}: {folded.encode(linesep=linesep)}{linesep}")
     return "".join(lines).encode("ascii") + body
+
+
+def remove_fields(body: bytes, name: str, linesep: str) -> tuple[bytes, int]:
+    """`body` without the fields called `name` (any case, folded lines included) in its own
+    header, and how many there were; the very same object when there were none.
+
+    Only the message's header counts: the name in the body, or in the header of a
+    message attached to it, is content. The header ends at the first empty line.
+    """
+    sep = linesep.encode()
+    if body.startswith(sep):  # an empty line first: no header at all
+        return body, 0
+    end = body.find(sep + sep)
+    header = body if end < 0 else body[: end + len(sep)]
+    target = name.lower().encode("ascii")
+    if target not in header.lower():  # the common case: one pass over a few KB, nothing copied
+        return body, 0
+    kept: list[bytes] = []
+    dropping = False
+    removed = 0
+    for line in header.split(sep):
+        if line[:1] in (b" ", b"\t"):  # a folded line belongs to the field above it
+            if not dropping:
+                kept.append(line)
+            continue
+        field, colon, _ = line.partition(b":")
+        dropping = bool(colon) and field.strip().lower() == target
+        removed += dropping
+        if not dropping:
+            kept.append(line)
+    if not removed:
+        return body, 0
+    return sep.join(kept) + body[len(header) :], removed
 
 
 def _notice_part(text: str) -> Message:

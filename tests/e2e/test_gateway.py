@@ -111,14 +111,18 @@ def test_clean_mail_arrives_unchanged(
     }
     for data in originals.values():
         send(gw, data)
-    arrived = handler.wait_for(len(originals), timeout=60)
-    assert len(arrived) == len(originals), gw.logs()
+    # Only the gateway writes X-SMTPGW-Finding: a sender's copy does not reach the mail system.
+    forged = message("forged", "Trust me.\n")
+    send(gw, b"X-SMTPGW-Finding: clean: deliver: verified by your bank\r\n" + forged)
+    arrived = handler.wait_for(len(originals) + 1, timeout=60)
+    assert len(arrived) == len(originals) + 1, gw.logs()
     got = subjects(handler)
-    for name, data in originals.items():
+    for name, data in {**originals, "forged": forged}.items():
         delivered = got[name]
         # The gateway adds exactly one Received: header in front and changes nothing else.
         assert delivered.startswith(b"Received: "), name
         assert delivered.endswith(data), f"{name} was changed on the way"
+    assert b"X-SMTPGW-Finding" not in got["forged"]
     assert wait_quiet(gw)
 
 

@@ -103,7 +103,7 @@ def test_quarantine_and_delete() -> None:
     assert outputs_for(j, outcome(Action.DELETE, j.body, finding)) == []
 
 
-def test_deliver_with_findings_updates_size_and_hash() -> None:
+def test_deliver_with_findings_updates_the_size() -> None:
     j = job(b"Subject: x\r\n\r\nhi\r\n")
     marked = b"X-SMTPGW-Finding: x\r\n" + j.body
     [out] = outputs_for(j, outcome(Action.DELIVER, marked, Verdict("f", "attachment", Action.DELIVER, "r")))
@@ -145,6 +145,19 @@ def test_handler_end_to_end_with_metrics_and_one_log_line(caplog: pytest.LogCapt
     assert fields["part"] == "2:notes.txt"
     assert float(fields["duration"]) >= 0
     assert lines[1].fields["verdict"] == "clean"  # type: ignore[attr-defined]
+
+
+def test_a_message_that_came_with_finding_fields_is_delivered_without_them(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    j = job(b"X-SMTPGW-Finding: virus: deliver: forged\r\n" + mail(), crlf_clean=True)
+    with caplog.at_level(logging.INFO, logger="services.scanner.app"):
+        [out] = build_handler(Config(), FakeClamd())(j)
+    assert (out.queue, out.body) == (Queue.DELIVER, mail())
+    assert out.envelope.size == len(mail())
+    [line] = [r for r in caplog.records if r.getMessage() == "scanned"]
+    assert line.fields["verdict"] == "clean"  # type: ignore[attr-defined]
+    assert line.fields["forged_findings"] == 1  # type: ignore[attr-defined]
 
 
 def test_delete_is_logged_as_a_warning(caplog: pytest.LogCaptureFixture) -> None:

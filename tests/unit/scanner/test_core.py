@@ -127,6 +127,30 @@ def test_findings_delivered_anyway_are_recorded_in_a_header() -> None:
     assert outcome.body.startswith(b"X-SMTPGW-Finding: attachment: deliver: blocked file type .exe")
 
 
+def test_finding_fields_a_message_arrives_with_are_removed() -> None:
+    """Only the gateway writes X-SMTPGW-Finding: a sender's copies go, whatever the verdict."""
+    forged = b"X-SMTPGW-Finding: clean: deliver: checked by your bank\r\n"
+    clean = mail("hello\n")
+    outcome = scan_message(forged + clean, settings(), FakeClamd())
+    assert (outcome.action, outcome.body, outcome.forged) == (D, clean, 1)
+    assert outcome.verdicts[0].category == "clean"
+    # With findings of its own: the gateway's fields on top, the forged one gone.
+    raw = mail(attachments=[("tool.exe", b"x")])
+    outcome = scan_message(forged + raw, settings(actions={"attachment": "deliver"}), FakeClamd())
+    assert outcome.body.startswith(b"X-SMTPGW-Finding: attachment: deliver: blocked file type .exe")
+    assert outcome.body.endswith(b"\r\n" + raw)  # the gateway's one field, then the message as sent
+    assert outcome.body.count(b"X-SMTPGW-Finding:") == 1
+    assert outcome.forged == 1
+    stripped = scan_message(forged + raw, settings(), FakeClamd())
+    assert stripped.action is S
+    assert stripped.forged == 1
+    assert stripped.body.count(b"X-SMTPGW-Finding:") == 1
+    assert b"your bank" not in stripped.body
+    # What is not delivered keeps them: the quarantine holds the message as it came.
+    held = scan_message(forged + raw, settings(actions={"attachment": "quarantine"}), FakeClamd())
+    assert (held.action, held.body, held.forged) == (Q, forged + raw, 0)
+
+
 @pytest.mark.parametrize(("configured", "expected"), [("deliver", Q), ("strip", Q), ("quarantine", Q), ("delete", X)])
 def test_a_failed_parse_never_delivers(configured: str, expected: Action) -> None:
     raw = b"Subject: leaf\r\n\r\nbody\r\n"

@@ -11,7 +11,7 @@ from email.policy import compat32
 import pytest
 
 from services.scanner.mime import inspect
-from services.scanner.rebuild import add_headers, replace_parts
+from services.scanner.rebuild import add_headers, remove_fields, replace_parts
 from tests.unit.scanner.builders import mail, raw_mail, text_part
 
 
@@ -110,3 +110,56 @@ def test_add_headers() -> None:
     utf8 = add_headers(body, [("X-SMTPGW-Finding", "virus: strip: 'résumé.exe'")], "\n")
     assert utf8.isascii()
     assert b"=?utf-8?" in utf8
+
+
+# ---------------------------------------------------------------- remove_fields
+
+HEAD = b"Received: from a\r\n\tby b\r\nSubject: s\r\n"
+
+
+@pytest.mark.parametrize(
+    ("header", "kept", "count"),
+    [
+        (b"X-SMTPGW-Finding: virus: strip: forged\r\n", b"", 1),
+        (b"x-smtpgw-finding: lower case\r\n", b"", 1),
+        (b"X-SMTPGW-FINDING  : space before the colon\r\n", b"", 1),
+        # Folded over three lines, with a tab and spaces: every line of it goes.
+        (b"X-SMTPGW-Finding: one\r\n two\r\n\tthree\r\nX-Other: kept\r\n", b"X-Other: kept\r\n", 1),
+        (b"X-SMTPGW-Finding: a\r\nX-Keep: 1\r\nX-SMTPGW-Finding: b\r\n c\r\n", b"X-Keep: 1\r\n", 2),
+        # Names that only begin or end like it are other fields.
+        (b"X-SMTPGW-Findings: other\r\nX-SMTPGW-Finding-Note: other\r\n", None, 0),
+        (b"Comment: X-SMTPGW-Finding: in a value\r\n", None, 0),
+    ],
+)
+def test_remove_fields_takes_every_line_of_the_named_fields(header: bytes, kept: bytes | None, count: int) -> None:
+    body = b"\r\nX-SMTPGW-Finding: in the body, not a field\r\n"
+    raw = HEAD + header + body
+    out, removed = remove_fields(raw, "X-SMTPGW-Finding", "\r\n")
+    assert removed == count
+    if kept is None:
+        assert out is raw  # nothing removed: the same object, no copy
+    else:
+        assert out == HEAD + kept + body
+
+
+def test_remove_fields_looks_only_at_the_message_header() -> None:
+    """The body, and the header of a message attached to it, are content."""
+    inner = b"X-SMTPGW-Finding: inside an attached message\r\nSubject: inner\r\n\r\ntext\r\n"
+    raw = raw_mail(b"Content-Type: message/rfc822\r\n\r\n" + inner)
+    out, removed = remove_fields(raw, "X-SMTPGW-Finding", "\r\n")
+    assert (out, removed) == (raw, 0)
+    assert out is raw
+
+
+@pytest.mark.parametrize("linesep", ["\r\n", "\n"])
+def test_remove_fields_with_either_line_end_and_without_a_body(linesep: str) -> None:
+    sep = linesep.encode()
+    raw = b"Subject: s" + sep + b"X-SMTPGW-Finding: x" + sep + b" folded" + sep + b"To: u" + sep
+    assert remove_fields(raw, "X-SMTPGW-Finding", linesep) == (b"Subject: s" + sep + b"To: u" + sep, 1)
+    with_body = raw + sep + b"X-SMTPGW-Finding: body" + sep
+    assert remove_fields(with_body, "X-SMTPGW-Finding", linesep) == (
+        b"Subject: s" + sep + b"To: u" + sep + sep + b"X-SMTPGW-Finding: body" + sep,
+        1,
+    )
+    no_header = sep + b"X-SMTPGW-Finding: body" + sep
+    assert remove_fields(no_header, "X-SMTPGW-Finding", linesep) == (no_header, 0)
