@@ -30,6 +30,14 @@ Speed without giving up any of that (a message costs a few fsyncs, not a dozen):
   message is written into one from there (`shared/filepool.py` says why, and
   why a crash cannot turn that into a wrong message).
 
+A job whose handler raised is retried, and moved to dead after MAX_CRASHES
+(the transport contract). A job during which the whole process died (killed,
+out of memory, a crash in C code) counts too, as the broker's
+x-delivery-count counts it: each consumer records what its workers are
+handling in `<root>/<queue>.inflight`, and the next consumer of the queue
+counts a job found there against it (`_Inflight`). Without that, a message
+that kills its process would be retried on every restart, for ever.
+
 Several processes may share one spool (the CLI releases from quarantine,
 `run receiver` and `run scanner` may run apart): each queue is consumed by
 one process at a time (an flock per queue), which picks up files other
@@ -64,6 +72,9 @@ MAGIC = b"SMTPGW1 "
 
 # Messages held in memory for this process's consumers, at most (bytes of bodies).
 HANDOFF_BYTES = 64 * 1024 * 1024
+# Bytes per worker in a queue's `.inflight` file (see _Inflight): a file name and zero padding.
+SLOT = 256
+_IDLE = bytes(SLOT)
 # Bytes of a spool file read first: the magic line and the envelope of all but unusual messages.
 _HEAD = 4096
 
@@ -172,6 +183,70 @@ class _GroupSync:
                 self._synced = max(self._synced, covered)
 
 
+class _Inflight:
+    """What each worker of one consumer is handling, in `<root>/<queue>.inflight`: one SLOT-byte
+    record per worker, the job's file name while its handler runs, zeros otherwise.
+
+    Two pwrites per job and never an fsync: the writes of a process that dies stay in the page
+    cache; only a machine crash loses them, and that is not the message's doing. When a job
+    was not finished because its process died, the next consumer of the queue finds its name
+    there (`interrupted`) and counts it as a crash; the counts live in `<root>/<queue>.crashes`
+    ("name count" lines), rewritten at each start with the names still queued. Best effort: a
+    failing write costs the record, never the job.
+    """
+
+    def __init__(self, base: str, workers: int) -> None:
+        self._path = base + ".inflight"
+        self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, _IDLE * workers, 0)  # written, not sparse: a record needs no new block
+
+    @staticmethod
+    def interrupted(base: str) -> list[str]:
+        """The names a previous consumer's workers were handling when it ended."""
+        try:
+            with open(base + ".inflight", "rb") as fh:
+                data = fh.read()
+        except FileNotFoundError:
+            return []
+        names = (data[i : i + SLOT].rstrip(b"\0").decode("ascii", "replace") for i in range(0, len(data), SLOT))
+        return [n for n in names if "," in n and "/" not in n and not n.startswith(".")]
+
+    def begin(self, slot: int, name: str) -> None:
+        record = name.encode("ascii", "replace")
+        if len(record) < SLOT:  # queue ids are at most 128 characters: always
+            with contextlib.suppress(OSError):
+                os.pwrite(self._fd, record.ljust(SLOT, b"\0"), slot * SLOT)
+
+    def end(self, slot: int) -> None:
+        with contextlib.suppress(OSError):
+            os.pwrite(self._fd, _IDLE, slot * SLOT)
+
+    def close(self) -> None:
+        """Only after the workers stopped: one that did not finish stays recorded, as interrupted."""
+        os.close(self._fd)
+
+
+def _read_counts(path: str) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    with contextlib.suppress(FileNotFoundError), open(path, encoding="ascii", errors="replace") as fh:
+        for line in fh:
+            name, _, count = line.partition(" ")
+            if count.strip().isdigit():
+                counts[name] = int(count)
+    return counts
+
+
+def _write_counts(path: str, counts: dict[str, int], fsync: bool) -> None:
+    tmp = f"{path}.{os.getpid()}"
+    with open(tmp, "w", encoding="ascii") as fh:
+        fh.writelines(f"{name} {count}\n" for name, count in sorted(counts.items()))
+        fh.flush()
+        if fsync:
+            os.fsync(fh.fileno())
+    os.rename(tmp, path)
+
+
 @dataclass
 class _Consumer:
     queue: Queue
@@ -181,6 +256,7 @@ class _Consumer:
     ready: queuelib.SimpleQueue[str | None] = field(default_factory=queuelib.SimpleQueue)
     known: set[str] = field(default_factory=set)  # queued or in flight in this process
     lock_fd: int = -1
+    inflight: _Inflight | None = None  # what each worker is handling, on disk
     notify: socket.socket | None = None  # where other processes announce new files of this queue
 
 
@@ -331,11 +407,13 @@ class SpoolTransport(Transport):
             except BlockingIOError:
                 raise SpoolError(f"queue {consumer.queue} in {self.root} is consumed by another process") from None
             consumer.notify = self._bind_notify(consumer.queue)
+        for consumer in self._consumers.values():
+            self._count_interrupted(consumer)
         if self._consumers:  # a publish-only process (a receiver) has nothing to recover
             self._recover()
         for consumer in self._consumers.values():
             for i in range(consumer.workers):
-                self._spawn(f"{consumer.queue}-{i}", self._work, consumer)
+                self._spawn(f"{consumer.queue}-{i}", self._work, consumer, i)
             if consumer.notify is not None:
                 self._spawn(f"{consumer.queue}-notify", self._listen, consumer)
         self._spawn("spool-timer", self._timer_loop)
@@ -394,6 +472,24 @@ class SpoolTransport(Transport):
         thread = threading.Thread(target=target, args=args, name=name, daemon=True)
         thread.start()
         self._threads.append(thread)
+
+    def _count_interrupted(self, consumer: _Consumer) -> None:
+        """Startup, with the queue's lock held (its previous consumer is gone): count a crash
+        against every job that consumer was handling when it ended (see _Inflight)."""
+        q = consumer.queue
+        base = os.path.join(self.root, str(q))
+        try:
+            counts = _read_counts(base + ".crashes")
+            for name in _Inflight.interrupted(base):
+                counts[name] = counts.get(name, 0) + 1
+                log.warning("%s/%s: the process handling it ended before it finished (%d/%d)",
+                            q, name, counts[name], MAX_CRASHES)  # fmt: skip
+            counts = {n: c for n, c in counts.items() if os.path.exists(os.path.join(self._dir(q), n))}
+            _write_counts(base + ".crashes", counts, self._fsync)
+            consumer.inflight = _Inflight(base, consumer.workers)
+        except OSError as exc:
+            raise SpoolError(f"cannot keep track of the jobs of {q} under {self.root}: {exc.strerror}") from None
+        self._crashes.update(counts)
 
     def _recover(self) -> None:
         """Startup: drop stale tmp files and superseded generations, then queue what is left.
@@ -475,16 +571,21 @@ class SpoolTransport(Transport):
             return
         self._announce(Queue.DELIVER, name, None)
 
-    def _work(self, consumer: _Consumer) -> None:
+    def _work(self, consumer: _Consumer, slot: int) -> None:
+        inflight = consumer.inflight
         while not self._stopping.is_set():
             name = consumer.ready.get()
             if name is None:  # stop() wakes each worker with one None
                 return
             with self._cond:
                 self._inflight += 1
+            if inflight is not None:
+                inflight.begin(slot, name)
             try:
                 self._process(consumer, name)
             finally:
+                if inflight is not None:
+                    inflight.end(slot)
                 with self._cond:
                     self._inflight -= 1
                     if self._idle_waiters:  # else the only waiter is the timer thread: let it sleep
@@ -517,9 +618,15 @@ class SpoolTransport(Transport):
                 self._add_timer(self._clock() + DEAD_RETRY, "retry", q, name)
                 return
             envelope = stand_in(body, f"dead: unreadable spool file: {exc}")
-        job = Job(q, envelope, body, self._crashes.get(name, 0))
+        crashes = self._crashes.get(name, 0)
         try:
-            outputs = list(consumer.handler(job))
+            if crashes >= MAX_CRASHES and q != Queue.DEAD:  # counted by _count_interrupted
+                reason = f"{q}: interrupted {crashes} times (the process handling it ended)"
+                log.error("queue_id=%s %s; moved to dead", envelope.queue_id, reason)
+                JOBS.labels(q.value, "crash").inc()
+                outputs = [Output(Queue.DEAD, envelope.replace(last_error=reason), body)]
+            else:
+                outputs = list(consumer.handler(Job(q, envelope, body, crashes)))
             # At most one output continues this queue id (it becomes generation gen+1).
             if sum(o.envelope.queue_id == envelope.queue_id for o in outputs) > 1:
                 raise RuntimeError(f"handler for {q} returned two outputs with queue id {envelope.queue_id}")
@@ -529,7 +636,7 @@ class SpoolTransport(Transport):
             self._add_timer(self._clock() + exc.delay, "retry", q, name)
             return
         except Exception as exc:
-            crashes = self._crashes[name] = self._crashes.get(name, 0) + 1
+            crashes = self._crashes[name] = crashes + 1
             JOBS.labels(q.value, "crash").inc()
             log.exception("queue_id=%s handler for %s crashed (%d/%d)", envelope.queue_id, q, crashes, MAX_CRASHES)
             if q == Queue.DEAD:  # nothing leaves dead for dead again: keep it, try again much later
@@ -653,6 +760,7 @@ class SpoolTransport(Transport):
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
+        stuck = any(thread.is_alive() for thread in self._threads)
         self._threads.clear()
         for consumer in self._consumers.values():
             if consumer.notify is not None:
@@ -660,6 +768,11 @@ class SpoolTransport(Transport):
                 consumer.notify = None
                 with contextlib.suppress(OSError):
                     os.unlink(self._notify_path(consumer.queue))
+            # A worker still in a handler would write its record into whatever file got the fd
+            # number next: its fd stays open (a stuck worker's job stays recorded, as it should).
+            if consumer.inflight is not None and not stuck:
+                consumer.inflight.close()
+                consumer.inflight = None
             if consumer.lock_fd >= 0:
                 os.close(consumer.lock_fd)
                 consumer.lock_fd = -1

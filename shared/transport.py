@@ -12,7 +12,9 @@ Contract:
   output durably *before* it removes the job (at-least-once): the ack happens
   in exactly one place, after the outputs are safe.
 - A handler raising `RetryLater` leaves the job queued and retries it after
-  the delay. Any other exception is a crash: the job is retried, and after
+  the delay. Any other exception is a crash, and so is the death of the
+  consumer's process while the handler runs (the job comes back to the next
+  consumer with `redeliveries` counting it): the job is retried, and after
   `MAX_CRASHES` it moves to the `dead` queue with the reason, so a poison
   message is neither lost nor retried forever. `dead` may have a consumer
   (the quarantine files poison messages under "dead"); nothing goes from

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -13,9 +14,10 @@ from pathlib import Path
 import pytest
 
 from shared.envelope import Client, Envelope, new_queue_id
-from shared.errors import EnvelopeDecodeError, SpoolError
+from shared.errors import EnvelopeDecodeError, RetryLater, SpoolError
 from shared.spool import SpoolTransport, pack, read_envelope, read_file, unpack
-from shared.transport import Job, Output, Queue
+from shared.transport import MAX_CRASHES, Job, Output, Queue
+from tests.support import wait_until
 
 
 def env(**changes: object) -> Envelope:
@@ -269,3 +271,95 @@ def test_a_publish_only_process_does_not_recover(spool_dir: Path) -> None:
     t.start()  # no consumers: a receiver
     t.stop()
     assert files(spool_dir, "tmp") == ["left,0.999999999.1"]
+
+
+# ---------------------------------------------------------------- a process that dies mid-job
+
+DYING_CONSUMER = """
+import os, sys, threading
+from shared.errors import RetryLater
+from shared.spool import SpoolTransport
+from shared.transport import Queue
+
+waiting = threading.Event()
+
+def handler(job):
+    os.write(1, f"working {job.envelope.queue_id} {job.redeliveries}\\n".encode())  # one write per line
+    if job.body == b"waits":
+        waiting.set()
+        raise RetryLater("not yet", 60)  # queued, but not in a handler when the process dies
+    waiting.wait(10)
+    os._exit(17)  # dies mid-job: no outputs, the file stays in scan
+
+transport = SpoolTransport(sys.argv[1])
+transport.consume(Queue.SCAN, handler, 2)
+transport.start()
+threading.Event().wait(20)
+"""
+
+
+def _run_dying_consumer(root: Path) -> set[str]:
+    """Run a consumer of scan in a process that dies in its handler; what its handler printed."""
+    child = subprocess.run(
+        [sys.executable, "-c", DYING_CONSUMER, str(root)],
+        cwd=Path(__file__).resolve().parents[3], capture_output=True, text=True, timeout=40,
+    )  # fmt: skip
+    assert child.returncode == 17, child.stderr
+    return set(child.stdout.splitlines())
+
+
+def test_a_job_that_keeps_killing_its_process_ends_in_dead(spool_dir: Path) -> None:
+    """As the broker's x-delivery-count does: a job whose process died under it counts a crash;
+    a job waiting for a retry when it died does not."""
+    killer, waiter = env(), env()
+    publisher = SpoolTransport(str(spool_dir))
+    publisher.publish(Queue.SCAN, killer, b"kills")
+    publisher.publish(Queue.SCAN, waiter, b"waits")
+    for crash in range(MAX_CRASHES):
+        assert _run_dying_consumer(spool_dir) == {
+            f"working {killer.queue_id} {crash}",
+            f"working {waiter.queue_id} 0",
+        }
+    seen: list[Job] = []
+    t = SpoolTransport(str(spool_dir))
+    t.consume(Queue.SCAN, lambda job: (seen.append(job), [])[1], 1)
+    t.start()
+    assert t.wait_idle(10)
+    t.stop()
+    # The killer was not handed to a handler a fourth time; the waiter went on as usual.
+    assert [(j.envelope.queue_id, j.redeliveries) for j in seen] == [(waiter.queue_id, 0)]
+    assert files(spool_dir, Queue.DEAD) == [f"{killer.queue_id},1"]
+    dead, body = read_file(str(spool_dir / "dead" / f"{killer.queue_id},1"))
+    assert body == b"kills"
+    assert dead == killer.replace(last_error=f"scan: interrupted {MAX_CRASHES} times (the process handling it ended)")
+    assert files(spool_dir, Queue.SCAN) == []
+    assert (spool_dir / "scan.crashes").read_text() == f"{killer.queue_id},0 {MAX_CRASHES}\n"  # until a start
+
+
+def test_a_job_interrupted_once_is_a_redelivery_and_a_clean_stop_counts_nothing(spool_dir: Path) -> None:
+    killer, waiter = env(), env()
+    publisher = SpoolTransport(str(spool_dir))
+    publisher.publish(Queue.SCAN, killer, b"kills")
+    publisher.publish(Queue.SCAN, waiter, b"waits")
+    _run_dying_consumer(spool_dir)
+    for _ in range(2):  # the second start, after a clean stop: still the one interruption
+        seen: dict[str, int] = {}
+
+        def handler(job: Job, seen: dict[str, int] = seen) -> list[Output]:
+            seen[job.envelope.queue_id] = job.redeliveries
+            raise RetryLater("later", 60)
+
+        t = SpoolTransport(str(spool_dir))
+        t.consume(Queue.SCAN, handler, 2)
+        t.start()
+        assert wait_until(lambda seen=seen: len(seen) == 2, timeout=5)
+        t.stop()  # lets the workers finish: their records are cleared
+        assert seen == {killer.queue_id: 1, waiter.queue_id: 0}
+    assert files(spool_dir, Queue.SCAN) == sorted([f"{killer.queue_id},0", f"{waiter.queue_id},0"])
+    # Names no longer queued leave the counts at the next start.
+    (spool_dir / "scan" / f"{killer.queue_id},0").unlink()
+    t = SpoolTransport(str(spool_dir))
+    t.consume(Queue.SCAN, lambda job: [], 1)
+    t.start()
+    t.stop()
+    assert (spool_dir / "scan.crashes").read_text() == ""
