@@ -12,7 +12,8 @@
 #      tests use), swaks (the README's test client), dnsmasq-base (a real DNS
 #      server for the delivery tests' MX lookups), prometheus (promtool checks
 #      and unit-tests the alert rules), valgrind (bench.instructions counts
-#      with callgrind; a test checks it), Python's venv module when
+#      with callgrind; a test checks it), docker-compose (its `config` checks
+#      docker-compose.yml without a Docker engine), Python's venv module when
 #      missing, rabbitmq-server when no broker answers on 127.0.0.1:5672, and
 #      redis-server (the delivery ledger's shared store) when no Redis answers
 #      on 127.0.0.1:6379. `apt-get update` runs only when something must be
@@ -48,7 +49,7 @@ VENV=.venv
 STAMP="$VENV/.smtpgw-pyproject"
 RABBITMQ_PORT=5672
 REDIS_PORT=6379
-PACKAGES=(clamav-daemon clamav clamav-testfiles clamdscan swaks dnsmasq-base prometheus valgrind)
+PACKAGES=(clamav-daemon clamav clamav-testfiles clamdscan swaks dnsmasq-base prometheus valgrind docker-compose)
 
 SCRIPT_NAME=setup
 # shellcheck source=scripts/lib.sh
