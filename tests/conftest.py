@@ -8,6 +8,7 @@ something was quietly not tested.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -49,6 +50,15 @@ def rabbitmq_url() -> str:
     except OSError:
         missing("RabbitMQ on 127.0.0.1:5672")
     return RABBITMQ_URL
+
+
+@pytest.fixture
+def promtool() -> str:
+    """promtool from Debian's prometheus package: skipped on a developer's machine without it, failed in CI."""
+    path = shutil.which("promtool")
+    if path is None:
+        missing("promtool (Debian package prometheus)")
+    return path
 
 
 @pytest.fixture

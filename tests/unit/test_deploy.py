@@ -191,10 +191,7 @@ def test_dockerfile_exposes_the_configured_ports_and_runs_as_the_volume_owner() 
 # ---------------------------------------------------------------- Prometheus
 
 
-def test_prometheus_scrapes_every_service_on_the_metrics_port(tmp_path: Path) -> None:
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        missing("promtool (Debian package prometheus)")
+def test_prometheus_scrapes_every_service_on_the_metrics_port(tmp_path: Path, promtool: str) -> None:
     data = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
     [job] = data["scrape_configs"]
     [sd] = job["dns_sd_configs"]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -17,7 +16,6 @@ import yaml
 from prometheus_client import REGISTRY
 
 from shared.metrics import QueueDepthCollector, UpdaterCollector
-from tests.support import missing
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "etc" / "grafana" / "smtpgw-dashboard.json"
@@ -32,15 +30,6 @@ DATASOURCE_REFS = {
 # (`run all --split`) does not export it, so a panel on it would go blank there.
 SUFFIXES = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}
 METRIC = re.compile(r"\bsmtpgw_\w+")
-
-
-@pytest.fixture
-def promtool() -> str:
-    """promtool from Debian's prometheus package: skipped on a developer's machine without it, failed in CI."""
-    path = shutil.which("promtool")
-    if path is None:
-        missing("promtool (Debian package prometheus)")
-    return path
 
 
 @pytest.fixture

@@ -2,24 +2,10 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
-
-from tests.support import missing
-
 RULES = Path(__file__).resolve().parents[3] / "etc" / "prometheus" / "smtpgw-alerts.yml"
-
-
-@pytest.fixture
-def promtool() -> str:
-    """promtool from Debian's prometheus package: skipped on a developer's machine without it, failed in CI."""
-    path = shutil.which("promtool")
-    if path is None:
-        missing("promtool (Debian package prometheus)")
-    return path
 
 
 LABELS = 'instance="gw:9101",job="smtpgw"'
