@@ -26,5 +26,9 @@ COPY deploy/ deploy/
 USER 10025:10025
 ENV PYTHONUNBUFFERED=1
 EXPOSE 2525 9101
+# The service answers for itself on its metrics port (/healthz: its event loops run). The clamd
+# container, from the same image, has a check of its own (docker-compose.yml).
+HEALTHCHECK --interval=30s --timeout=10s --start-period=30s --retries=3 \
+    CMD ["smtpgw", "health", "-c", "/etc/smtpgw/smtpgw.toml"]
 ENTRYPOINT ["smtpgw"]
 CMD ["run", "all", "-c", "/etc/smtpgw/smtpgw.toml"]

@@ -138,6 +138,26 @@ def _cmd_update(args: argparse.Namespace) -> int:
     return update_command(_config(args.config), args.action, as_json=args.json, components=components)
 
 
+def _cmd_health(args: argparse.Namespace) -> int:
+    """Ask this host's service for /healthz or /readyz on its metrics port: the image's
+    HEALTHCHECK. Exit 0 when it answers 200, 1 otherwise, with what it said."""
+    import urllib.error
+    import urllib.request
+
+    listen = _config(args.config).metrics.listen
+    host = listen.host if listen.host not in ("", "0.0.0.0", "::") else "127.0.0.1"
+    url = f"http://{f'[{host}]' if ':' in host else host}:{listen.port}/{'readyz' if args.ready else 'healthz'}"
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout) as reply:
+            print(reply.read().decode("utf-8", "replace").strip())
+            return 0
+    except urllib.error.HTTPError as exc:
+        print(exc.read().decode("utf-8", "replace").strip(), file=sys.stderr)
+    except OSError as exc:
+        print(f"smtpgw: no answer from {url}: {exc}", file=sys.stderr)
+    return 1
+
+
 def _cmd_sink(args: argparse.Namespace) -> int:
     from services.sink import run_sink
 
@@ -179,6 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="status as JSON")
     p.add_argument("--component", choices=["signatures", "rules"], help="roll back only this one")
     p.set_defaults(func=_cmd_update)
+
+    p = with_config(sub.add_parser("health", help="ask the service on this host whether it is live (or ready)"))
+    p.add_argument("--ready", action="store_true", help="readiness (/readyz) instead of liveness (/healthz)")
+    p.add_argument("--timeout", type=float, default=5.0)
+    p.set_defaults(func=_cmd_health)
 
     p = sub.add_parser("sink", help="a local capture MTA that writes each message it receives to a file")
     p.add_argument("--listen", default="127.0.0.1:2526")

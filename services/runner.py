@@ -21,6 +21,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 
 from shared import eventloop, malloc
 from shared.config import Config
+from shared.health import Health
 from shared.metrics import QueueDepthCollector, serve
 from shared.transport import Queue, Transport, open_transport
 
@@ -41,9 +42,13 @@ class Running:
     closers: list[Callable[[], None]] = field(default_factory=list)
 
 
-def start_consumers(config: Config, roles: set[str], transport: Transport, threads: int | None = None) -> Running:
-    """Register the consumers of `roles` on `transport` and start it."""
+def start_consumers(
+    config: Config, roles: set[str], transport: Transport, threads: int | None = None, health: Health | None = None
+) -> Running:
+    """Register the consumers of `roles` on `transport` and start it; `health` learns what the
+    probes should ask of them (clamd for a scanner, the event loop of delivery)."""
     running = Running(transport)
+    health = health or Health()
     if "scanner" in roles:
         from services.scanner.app import ClamdClient, build_handler
         from services.scanner.rules import LiveRules
@@ -54,10 +59,12 @@ def start_consumers(config: Config, roles: set[str], transport: Transport, threa
             # The updater announces new rules as a transport event; the scanners reload them live.
             transport.subscribe_events(rules.subscriber(transport.publish_event))
         transport.consume(Queue.SCAN, build_handler(config, clamd, rules), threads or config.scanner.threads)
+        health.add_check("clamd", lambda: None if clamd.ping() else f"{clamd.address} does not answer PING")
     if "delivery" in roles:
         from services.delivery.app import Delivery
 
         delivery = Delivery(config)
+        health.watch_loop("delivery loop", delivery.loop)
         transport.consume(Queue.DELIVER, delivery.handle_deliver, config.delivery.threads)
         # Bounces have their own queue and worker, so a bounce storm never starves normal delivery.
         transport.consume(Queue.BOUNCE, delivery.handle_bounce, 1)
@@ -122,14 +129,16 @@ def run(config: Config, roles: set[str], threads: int | None = None) -> int:
     """Run until SIGTERM or SIGINT; returns the process exit code."""
     malloc.tune()
     transport = open_transport(config)
+    health = Health()
+    health.add_check("broker", transport.ready)
     if config.metrics.enabled:
         register_collectors(REGISTRY, config, transport, roles)
-        serve(config.metrics.listen.host, config.metrics.listen.port)
-    running = start_consumers(config, roles - {"receiver"}, transport, threads)
+        serve(config.metrics.listen.host, config.metrics.listen.port, health=health)
+    running = start_consumers(config, roles - {"receiver"}, transport, threads, health)
     log.info("started %s", ", ".join(sorted(roles)))
     try:
         if "receiver" in roles:
-            eventloop.run(_serve_smtp(config, transport))
+            eventloop.run(_serve_smtp(config, transport, health))
         else:
             _wait_for_signal()
     finally:
@@ -140,11 +149,12 @@ def run(config: Config, roles: set[str], threads: int | None = None) -> int:
     return 0
 
 
-async def _serve_smtp(config: Config, transport: Transport) -> None:
+async def _serve_smtp(config: Config, transport: Transport, health: Health) -> None:
     from services.receiver.app import Receiver
 
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
+    health.watch_loop("receiver loop", loop)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     receiver = Receiver(config, transport)

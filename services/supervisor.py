@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass
 
 from shared.config import Config
+from shared.health import Health
 from shared.transport import Transport, open_transport
 
 log = logging.getLogger(__name__)
@@ -78,9 +79,14 @@ def run_split(config: Config, config_path: str | None, roles: list[str], threads
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.set())
     transport = open_transport(config)
+    # The supervisor answers the probes for the group: ready while the broker answers and every
+    # child runs (one being restarted makes it unready, not dead).
+    health = Health()
+    health.add_check("broker", transport.ready)
+    health.add_check("services", lambda: _not_running(children))
     try:
         if config.metrics.enabled:
-            _serve_metrics(config, transport, metrics_dir, roles)
+            _serve_metrics(config, transport, metrics_dir, roles, health)
         for child in children:
             child.start()
         code = _watch(children, stopping)
@@ -117,6 +123,11 @@ def _watch(children: list[_Child], stopping: threading.Event) -> int:
     return 0
 
 
+def _not_running(children: list[_Child]) -> str | None:
+    down = [c.role for c in children if c.proc is None or c.proc.poll() is not None]
+    return f"not running: {', '.join(down)}" if down else None
+
+
 def _stop_all(children: list[_Child]) -> None:
     running = [c.proc for c in children if c.proc is not None and c.proc.poll() is None]
     for proc in running:
@@ -131,7 +142,7 @@ def _stop_all(children: list[_Child]) -> None:
             proc.wait(10)
 
 
-def _serve_metrics(config: Config, transport: Transport, metrics_dir: str, roles: list[str]) -> None:
+def _serve_metrics(config: Config, transport: Transport, metrics_dir: str, roles: list[str], health: Health) -> None:
     from prometheus_client import CollectorRegistry
     from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -141,4 +152,4 @@ def _serve_metrics(config: Config, transport: Transport, metrics_dir: str, roles
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=metrics_dir)  # type: ignore[no-untyped-call]
     register_collectors(registry, config, transport, set(roles))
-    serve(config.metrics.listen.host, config.metrics.listen.port, registry)
+    serve(config.metrics.listen.host, config.metrics.listen.port, registry, health)

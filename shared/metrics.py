@@ -7,14 +7,19 @@ addresses and queue ids are never labels.
 
 from __future__ import annotations
 
+import socket
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import REGISTRY, Collector
 
 from shared.errors import GatewayError
+from shared.health import Health
 
 # Latency buckets from 1 ms to 2 minutes: SMTP answers, scans and deliveries all fit.
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -161,6 +166,28 @@ class UpdaterCollector(Collector):
             )
 
 
-def serve(host: str, port: int, registry: CollectorRegistry = REGISTRY) -> None:
-    """Expose /metrics over HTTP from a daemon thread."""
-    start_http_server(port, addr=host, registry=registry)
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # a scrape is not an event
+        pass
+
+
+def serve(host: str, port: int, registry: CollectorRegistry = REGISTRY, health: Health | None = None) -> None:
+    """Expose /metrics over HTTP from a daemon thread, and with `health` its /healthz and /readyz
+    (shared/health.py): one port for whatever watches the process."""
+    metrics = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if health is None or path not in ("/healthz", "/readyz"):
+            return metrics(environ, start_response)  # type: ignore[no-any-return]
+        problems = health.stalled() if path == "/healthz" else health.unready()
+        body = ("\n".join(problems) if problems else "ok").encode() + b"\n"
+        status = "503 Service Unavailable" if problems else "200 OK"
+        start_response(status, [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))])
+        return [body]
+
+    # As prometheus_client's own server: the address family of what `host` resolves to first.
+    family, *_, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    server: type[ThreadingWSGIServer] = type("MetricsServer", (ThreadingWSGIServer,), {"address_family": family})
+    httpd: ThreadingWSGIServer = make_server(str(address[0]), port, app, server, handler_class=_Quiet)
+    threading.Thread(target=httpd.serve_forever, name="metrics", daemon=True).start()

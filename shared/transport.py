@@ -131,6 +131,11 @@ class Transport(abc.ABC):
         """None when new mail may be accepted, else why not (back-pressure, broker down)."""
         return None
 
+    def ready(self) -> str | None:
+        """None while the transport can carry messages, else why not (the broker unreachable):
+        the readiness probe's question (shared/health.py). Back-pressure is not unreadiness."""
+        return None
+
     def backlog(self) -> int:
         """Messages accepted and waiting for a scanner or a delivery attempt (deferred ones do not
         count), for the receiver's flow control; may be a moment old."""

@@ -146,6 +146,7 @@ class Delivery:
         # thread is not written yet, and a crash then sends its message again. The ledger
         # group-commits the records that arrive together, so the threads share the disk's syncs.
         self._loop = _LoopThread("delivery-loop", offload_threads=config.delivery.threads + 1)
+        self.loop = self._loop.loop  # for the liveness probe (shared/health.py)
 
     # ------------------------------------------------------------ deliver
 

@@ -246,6 +246,11 @@ class BrokerTransport(Transport):
             lambda link: link.consumers(name), self._config.confirm_timeout, f"consumers of {queue}"
         )
 
+    def ready(self) -> str | None:
+        if self._publisher.closed:
+            return "the broker transport is stopped"
+        return self._health.reason()
+
     def accepting(self) -> str | None:
         if self._publisher.closed:
             return "the broker transport is stopped"

@@ -386,6 +386,30 @@ def test_clamd_down_holds_mail_until_it_is_back(
 # ---------------------------------------------------------------- operations
 
 
+def test_live_and_ready_on_the_metrics_port(
+    make_gateway: MakeGateway, downstream: tuple[CaptureHandler, int], clamd_address: str
+) -> None:
+    """What the image's HEALTHCHECK and Kubernetes' probes ask (`smtpgw health`, /healthz, /readyz)."""
+    _, port = downstream
+    gw = make_gateway(base_sections(port, clamd_address))
+    gw.run_all()
+    live, ready = gw.cli("health"), gw.cli("health", "--ready")
+    assert (live.returncode, live.stdout) == (0, "ok\n"), live.stderr
+    assert (ready.returncode, ready.stdout) == (0, "ok\n"), ready.stderr
+    # A scanner without its clamd is alive, but not ready, and says why.
+    gone = f"tcp://127.0.0.1:{free_port()}"
+    lonely = make_gateway(base_sections(port, gone))
+    lonely.run_all()
+    assert lonely.cli("health").returncode == 0
+    ready = lonely.cli("health", "--ready")
+    assert ready.returncode == 1
+    assert ready.stderr == f"clamd: {gone} does not answer PING\n"
+    gw.stop()
+    down = gw.cli("health")
+    assert down.returncode == 1
+    assert "no answer from" in down.stderr
+
+
 def test_quarantine_release_and_metrics(
     make_gateway: MakeGateway, downstream: tuple[CaptureHandler, int], clamd_address: str
 ) -> None:
@@ -457,6 +481,8 @@ def test_split_runs_each_service_in_its_own_process_and_restarts_the_dead(
     assert supervisor.proc is not None
     roles = children_of(supervisor.proc.pid)
     assert set(roles) == {"receiver", "scanner", "delivery", "quarantine", "updater"}
+    ready = gw.cli("health", "--ready")  # the supervisor answers for the group
+    assert (ready.returncode, ready.stdout) == (0, "ok\n"), ready.stderr
     send(gw, message("split 1"))
     assert handler.wait_for(1, timeout=30), gw.logs()
 
@@ -471,4 +497,5 @@ def test_split_runs_each_service_in_its_own_process_and_restarts_the_dead(
     # Counters survive their process: the dead scanner's sample files stay in the metrics directory.
     assert "smtpgw_scan_duration_seconds_count 2.0" in text.splitlines()
     assert "smtpgw_queue_depth" in text
+    assert wait_until(lambda: gw.cli("health", "--ready").returncode == 0, timeout=20)  # the new scanner runs
     assert supervisor.terminate(timeout=60) == 0, gw.logs()

@@ -10,6 +10,7 @@ container's entrypoint script starts here for real.
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
 import re
 import shutil
@@ -22,6 +23,7 @@ from typing import Any
 import pytest
 import yaml
 
+from services.cli import build_parser
 from services.runner import ROLES
 from shared.clamd import ClamdClient
 from shared.config import Config, load_config
@@ -186,6 +188,10 @@ def test_dockerfile_exposes_the_configured_ports_and_runs_as_the_volume_owner() 
     assert last["USER"] == "10025:10025"
     assert any("useradd" in args and "--uid 10025" in args for step, args in steps if step == "RUN")
     assert last["ENTRYPOINT"] == '["smtpgw"]'
+    # The health check asks the service itself, with a command the CLI has.
+    check = json.loads(last["HEALTHCHECK"].split(" CMD ", 1)[1])
+    assert check == ["smtpgw", "health", "-c", CONFIG_IN_CONTAINER]
+    assert build_parser().parse_args(check[1:]).func.__name__ == "_cmd_health"
 
 
 # ---------------------------------------------------------------- Prometheus

@@ -354,9 +354,12 @@ def test_smtpgw_containers_expose_the_ports_the_configuration_listens_on(objects
         ports = container_ports(container)
         expected = {metrics_port} | ({config.receiver.listen.port} if role_of(container) == "receiver" else set())
         assert set(ports.values()) == expected, f"{where}: ports {sorted(set(ports.values()))}, config {expected}"
-        probe = container.get("livenessProbe", {}).get("httpGet", {})
-        assert probe.get("path") == "/metrics", f"{where}: liveness must ask /metrics"
-        assert ports.get(probe.get("port")) == metrics_port, f"{where}: liveness asks port {probe.get('port')}"
+        # The service's own answers (shared/health.py): live = its event loops run, ready = its
+        # broker and clamd answer. Both on the metrics port.
+        for kind, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+            probe = container.get(kind, {}).get("httpGet", {})
+            assert probe.get("path") == path, f"{where}: {kind} must ask {path}"
+            assert ports.get(probe.get("port")) == metrics_port, f"{where}: {kind} asks port {probe.get('port')}"
         annotations = template_of(workload)["metadata"].get("annotations", {})
         assert annotations.get("prometheus.io/scrape") == "true", f"{where}: not scraped"
         assert annotations.get("prometheus.io/port") == str(metrics_port), f"{where}: scraped on another port"
