@@ -247,14 +247,22 @@ class BrokerTransport(Transport):
         )
 
     def ready(self) -> str | None:
-        if self._publisher.closed:
-            return "the broker transport is stopped"
-        return self._health.reason()
+        return self._unreachable(time.monotonic())
 
     def accepting(self) -> str | None:
+        trouble = self._unreachable(time.monotonic())
+        if trouble is not None:
+            return trouble
+        with self._lock:
+            if self._scan_depth > self._config.max_scan_queue:
+                return f"scan queue holds {self._scan_depth} messages (limit {self._config.max_scan_queue})"
+        return None
+
+    def _unreachable(self, now: float) -> str | None:
+        """Why the broker cannot take messages now, or None; asks it (queue depths) at most every
+        PROBE_INTERVAL, so that an idle process still finds out."""
         if self._publisher.closed:
             return "the broker transport is stopped"
-        now = time.monotonic()
         error = self._probe_queues(now)
         if error is not None:
             return error
@@ -264,11 +272,7 @@ class BrokerTransport(Transport):
         with self._lock:
             if self._probe is not None and now > self._probe.deadline:
                 return "broker not answering"
-            if self._probe_error is not None:
-                return self._probe_error
-            if self._scan_depth > self._config.max_scan_queue:
-                return f"scan queue holds {self._scan_depth} messages (limit {self._config.max_scan_queue})"
-        return None
+            return self._probe_error
 
     def backlog(self) -> int:
         """The scan and deliver queues' depths as last probed (at most PROBE_INTERVAL old while

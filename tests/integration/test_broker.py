@@ -315,13 +315,26 @@ def test_work_spreads_over_processes(broker: Factory) -> None:
 # ---------------------------------------------------------------- back-pressure, events
 
 
+def test_an_idle_process_finds_an_unreachable_broker_when_asked_if_ready() -> None:
+    """The readiness probe's question: nothing else has used the transport yet."""
+    config = BrokerConfig(url=f"amqp://guest:guest@127.0.0.1:{free_port()}/%2F", namespace="idle", confirm_timeout=1.0)
+    transport = BrokerTransport(config, retry_interval=1)
+    try:
+        assert wait_until(lambda: transport.ready() is not None, timeout=5)
+        assert str(transport.ready()).startswith("broker unreachable")
+    finally:
+        transport.stop(5)
+
+
 def test_accepting_reports_a_scan_queue_over_its_bound(broker: Factory) -> None:
     transport = broker(max_scan_queue=2)
     assert transport.accepting() is None
+    assert transport.ready() is None
     for _ in range(3):
         transport.publish(Queue.SCAN, make_envelope(), b"x")
     assert wait_until(lambda: transport.accepting() is not None, timeout=10)
     assert transport.accepting() == "scan queue holds 3 messages (limit 2)"
+    assert transport.ready() is None  # back-pressure is not unreadiness: the receiver answers 451
 
     scanner = broker()
     scanner.consume(Queue.SCAN, Sink(), 2)
