@@ -145,7 +145,7 @@ def _cmd_health(args: argparse.Namespace) -> int:
     import urllib.request
 
     listen = _config(args.config).metrics.listen
-    host = listen.host if listen.host not in ("", "0.0.0.0", "::") else "127.0.0.1"
+    host = listen.host if listen.host not in ("0.0.0.0", "::") else "127.0.0.1"  # ":port" parses as 0.0.0.0
     url = f"http://{f'[{host}]' if ':' in host else host}:{listen.port}/{'readyz' if args.ready else 'healthz'}"
     try:
         with urllib.request.urlopen(url, timeout=args.timeout) as reply:

@@ -187,7 +187,7 @@ def serve(host: str, port: int, registry: CollectorRegistry = REGISTRY, health: 
         return [body]
 
     # As prometheus_client's own server: the address family of what `host` resolves to first.
-    family, *_, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    family, *_, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     server: type[ThreadingWSGIServer] = type("MetricsServer", (ThreadingWSGIServer,), {"address_family": family})
     httpd: ThreadingWSGIServer = make_server(str(address[0]), port, app, server, handler_class=_Quiet)
     threading.Thread(target=httpd.serve_forever, name="metrics", daemon=True).start()

@@ -196,8 +196,7 @@ class _Inflight:
     """
 
     def __init__(self, base: str, workers: int) -> None:
-        self._path = base + ".inflight"
-        self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._fd = os.open(base + ".inflight", os.O_RDWR | os.O_CREAT, 0o600)
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, _IDLE * workers, 0)  # written, not sparse: a record needs no new block
 

@@ -83,7 +83,7 @@ def remove_fields(body: bytes, name: str, linesep: str) -> tuple[bytes, int]:
     end = body.find(sep + sep)
     header = body if end < 0 else body[: end + len(sep)]
     target = name.lower().encode("ascii")
-    if target not in header.lower():  # the common case: one pass over a few KB, nothing copied
+    if target not in header.lower():  # the common case: a pass over the header alone (a few KB)
         return body, 0
     kept: list[bytes] = []
     dropping = False
