@@ -41,7 +41,7 @@ import time
 import uuid
 import zipfile
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from pathlib import Path
@@ -591,6 +591,14 @@ def check_run(mix: dict[str, tuple[str, bytes]], sender: Sender, downstream: Dow
     )
 
 
+def traces(downstream: Downstream, test_ids: Iterable[str]) -> dict[str, list[str]]:
+    """The start of each arrived copy of these messages (their Received: header, with the queue id)."""
+    with downstream.lock:
+        return {
+            t: [data[:240].decode("utf-8", "replace") for _, data in downstream.arrivals.get(t, [])] for t in test_ids
+        }
+
+
 def held_ids(cluster: Cluster) -> set[str]:
     """Test ids of messages quarantined whole (not the `.q` copies of stripped originals)."""
     found = set()
@@ -875,7 +883,9 @@ def test_rabbitmq_restart_during_a_run(cluster_factory: Callable[..., Cluster], 
     assert outcome.lost == []
     assert outcome.dangerous_delivered == []
     assert outcome.changed == []
-    assert outcome.duplicated == {}, f"duplicates after a broker restart: {outcome.duplicated}"
+    # On failure, each copy's trace header says which window let it through: two queue ids
+    # (the receiver accepted it twice) or one (delivery sent it twice).
+    assert outcome.duplicated == {}, f"duplicates after a broker restart: {traces(downstream, outcome.duplicated)}"
     assert skipped >= 1  # the delivery finished during the outage came back and was not sent again
     assert len(downstream.arrivals["m99999"]) == 1  # the waiting session's message
     assert sum(sender.tempfails.values()) > 0  # the outage was seen by the senders
